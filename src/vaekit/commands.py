@@ -1,0 +1,5 @@
+"""Model subcommands: info, export, convert."""
+
+
+def add_commands(subparsers):
+    """Register info, export and convert."""

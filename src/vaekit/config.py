@@ -1,0 +1,169 @@
+"""Typed job configs: dataclasses loaded from YAML, overridden by `a.b=value`, saved resolved.
+
+Unknown keys and values of the wrong type are errors that name the key, never silent defaults.
+"""
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from vaekit.errors import VaekitError
+from vaekit.io import write_text
+
+
+def _type_name(tp):
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value, tp, key):
+    """Check `value` against the annotation `tp` and convert it where the conversion is lossless."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is typing.Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except VaekitError as e:
+                errors.append(str(e))
+        raise VaekitError(errors[0] if len(errors) == 1 else f"{key}: {value!r} is not a valid value ({tp}).")
+    if origin is typing.Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise VaekitError(f"{key}: {value!r} is not one of {choices}.")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise VaekitError(f"{key}: expected a list, got {value!r}.")
+        inner = args[0] if args else typing.Any
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise VaekitError(f"{key}: expected a mapping, got {value!r}.")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise VaekitError(f"{key}: expected a mapping of {_type_name(tp)} fields, got {value!r}.")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise VaekitError(f"{key}: expected true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise VaekitError(f"{key}: expected an integer, got {value!r}.")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads `1e-6` as a string; accept it as the number it means.
+                return float(value)
+            except ValueError:
+                pass
+        raise VaekitError(f"{key}: expected a number, got {value!r}.")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise VaekitError(f"{key}: expected a string, got {value!r}.")
+    return value
+
+
+def from_dict(cls, data, prefix=""):
+    """Build dataclass `cls` from a (nested) dict; an unknown key is an error naming it."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise VaekitError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise VaekitError(
+            f"Unknown config key '{prefix}{unknown[0]}'. Valid keys here: {', '.join(prefix + n for n in names)}."
+        )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        obj = cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise VaekitError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+    return obj
+
+
+def to_dict(obj):
+    """A dataclass as plain nested dicts and lists (safe for YAML and JSON)."""
+    return dataclasses.asdict(obj)
+
+
+def parse_override(text):
+    """Split `a.b=value` into (['a', 'b'], value); the value is read as YAML (`true`, `3`, `[1, 2]`)."""
+    if "=" not in text:
+        raise VaekitError(f"Override '{text}' must look like key=value (for example train.lr=1e-4).")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key:
+        raise VaekitError(f"Override '{text}' has an empty key.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data, overrides):
+    """Apply `a.b=value` strings to a nested dict in place and return it."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise VaekitError(f"Override '{text}': '{part}' is a value, not a section.")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_yaml(path):
+    """Read a YAML mapping with a clear error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise VaekitError(f"Config file not found: {path}. Pass an existing YAML file (see configs/).")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise VaekitError(f"Config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise VaekitError(f"Config file {path} must hold a mapping of keys to values.")
+    return data
+
+
+def load_config(cls, path=None, overrides=()):
+    """Defaults from `cls`, then the YAML file at `path`, then `a.b=value` overrides."""
+    data = load_yaml(path) if path else {}
+    apply_overrides(data, overrides)
+    return from_dict(cls, data)
+
+
+def save_config(obj, path):
+    """Write the resolved config as YAML atomically."""
+    write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
