@@ -3,12 +3,15 @@
 import argparse
 import importlib
 import sys
+import warnings
 
 from vaekit.errors import VaekitError
 
 # Each module defines `add_commands(subparsers)`, registering parsers whose defaults hold `func(args)`.
 COMMAND_MODULES = (
     "vaekit.commands",
+    "vaekit.weights",
+    "vaekit.train",
 )
 
 
@@ -29,6 +32,8 @@ def build_parser():
 
 def main(argv=None):
     """Console-script entry point."""
+    # A deprecation notice huggingface_hub prints on every diffusers load; it is not the user's concern.
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

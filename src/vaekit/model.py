@@ -188,26 +188,47 @@ def _is_hub_id(spec):
     return bool(_HUB_ID.match(spec)) and not _CHECKPOINT_SUFFIX.search(spec)
 
 
+def hub_reachable(timeout=3.0):
+    """True when the hub's endpoint answers a TCP connection within `timeout` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_from_hub(repo_id, overrides=None):
-    """Load from the Hugging Face hub (or its local cache), trying the repo root then `vae/`."""
+    """Load from the local hub cache or the hub, trying the repo root then `vae/`."""
+    # The local cache first; then the network, but only when it answers: the hub client's own
+    # retries take a minute to give up on a machine without network.
+    attempts = [True] + ([False] if hub_reachable() else [])
     last = None
-    for subfolder in (None, "vae"):
-        try:
-            vae = AutoencoderKL.from_pretrained(repo_id, subfolder=subfolder)
-            break
-        except Exception as e:  # hub errors have many types; all mean "not here"
-            last = e
-    else:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        network = "connect" in str(last).lower() or "offline" in str(last).lower() or offline
-        reason = "there is no network access to the hub" if network else f"loading failed ({str(last)[:200]})"
-        raise VaekitError(
-            f"Could not load '{repo_id}' from the Hugging Face hub: {reason}. Pass a local path instead: a diffusers "
-            f"folder (config.json + diffusion_pytorch_model.safetensors) or a single-file .safetensors checkpoint."
-        )
-    if overrides:
-        vae = AutoencoderKL(**make_config(vae_config(vae), overrides)).eval()
-    return vae
+    for local_only in attempts:
+        for subfolder in (None, "vae"):
+            try:
+                vae = AutoencoderKL.from_pretrained(repo_id, subfolder=subfolder, local_files_only=local_only)
+                if overrides:
+                    rebuilt = AutoencoderKL(**make_config(vae_config(vae), overrides))
+                    vae = load_state_dict_checked(rebuilt, vae.state_dict(), repo_id)
+                return vae
+            except (OSError, ValueError, EnvironmentError) as e:  # hub and file errors all mean "not here"
+                last = e
+    reason = (
+        "it is not in the local hub cache and there is no network access to the hub"
+        if len(attempts) == 1 else f"loading failed ({str(last)[:200]})"
+    )
+    raise VaekitError(
+        f"Could not load '{repo_id}' from the Hugging Face hub: {reason}. Pass a local path instead: a diffusers "
+        f"folder (config.json + diffusion_pytorch_model.safetensors) or a single-file .safetensors checkpoint."
+    )
 
 
 def load_vae(spec, overrides=None, device=None, dtype=None, weights="ema"):
