@@ -16,9 +16,13 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+# --resume latest: a second `make demo` continues or re-exports the first run; `make clean-demo` starts over.
 demo: $(STAMP)
-	$(BIN)/vaekit weights fetch lpips-vgg || echo "LPIPS weights unavailable: the demo trains without the perceptual term."
-	$(BIN)/vaekit train --config configs/train/demo.yaml
+	$(BIN)/vaekit weights fetch lpips-alex || echo "LPIPS weights unavailable: the demo trains without the perceptual term."
+	$(BIN)/vaekit train --config configs/train/demo.yaml --resume latest
+
+clean-demo:
+	rm -rf checkpoints/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
