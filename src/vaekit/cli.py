@@ -12,7 +12,10 @@ COMMAND_MODULES = (
     "vaekit.commands",
     "vaekit.weights",
     "vaekit.train",
+    "vaekit.encode",
+    "vaekit.latents",
     "vaekit.evaluate",
+    "vaekit.diagnose",
 )
 
 

@@ -22,13 +22,13 @@ def parse_model_overrides(items):
     return overrides
 
 
-def add_model_arguments(parser, name="model", positional=True, help_text="model argument"):
+def add_model_arguments(parser, name="model", positional=True, help_text="model argument", required=True):
     """Add the model argument and its `-o/--override key=value` option to a parser."""
     text = f"{help_text}: preset:NAME, a diffusers folder, a single-file checkpoint, a training checkpoint or a hub id"
     if positional:
         parser.add_argument(name, help=text)
     else:
-        parser.add_argument(f"--{name}", required=True, help=text)
+        parser.add_argument(f"--{name}", required=required, help=text)
     parser.add_argument(
         "-o", "--override", action="append", default=[], metavar="KEY=VALUE",
         help="override an AutoencoderKL config field, e.g. -o scaling_factor=0.13025 (repeatable)",
