@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "vaekit.latents",
     "vaekit.evaluate",
     "vaekit.diagnose",
+    "vaekit.reconstruct",
 )
 
 

@@ -13,6 +13,10 @@ inspect reports, per latent channel:
   collapse: the decoder gets no information about the image through them;
 - histograms of the latents as a diffusion model sees them (normalised by the config's scale/shift);
 - suggested scaling and shift factors measured on the data (vaekit.latents, as `vaekit stats`).
+
+inspect --precision reports instead, per layer, the largest absolute activation of an fp32 encode and
+decode of the images against float16's largest finite value: a layer above it overflows in fp16
+(the SDXL VAE's black images), while bfloat16 has float32's range and only loses mantissa.
 """
 
 import dataclasses
@@ -29,6 +33,9 @@ ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016: a unit is active when Cov_x(E[z|x]
 KL_COLLAPSE_NATS = 0.01  # mean KL per latent element below this: the posterior is (nearly) the prior
 HISTOGRAM_VALUES = 1 << 16  # about this many latent values per channel are kept for the histograms
 HISTOGRAM_BINS = 60
+FP16_MAX = torch.finfo(torch.float16).max  # 65504
+# An activation above this fraction of FP16_MAX on the sample images may overflow on other images.
+FP16_MARGIN = 0.25
 
 
 @dataclasses.dataclass
@@ -45,6 +52,7 @@ class InspectConfig:
     device: str = "auto"
     override: list[str] = dataclasses.field(default_factory=list)
     weights: typing.Literal["ema", "raw"] = "ema"
+    precision: bool = False  # report per-layer activation ranges against fp16 instead of latent statistics
 
     def __post_init__(self):
         if not self.vae or not self.data:
@@ -299,6 +307,103 @@ def inspect_latents(config, vae=None, progress=True):
     return result
 
 
+# ---------------------------------------------------------------------------------------------------
+# Precision: activation ranges against float16
+
+
+class ActivationRanges:
+    """Forward hooks recording the largest |output| of every module of a VAE, by qualified name."""
+
+    def __init__(self, vae):
+        self.vae = vae
+        self.maxima = {}
+        self.handles = []
+
+    def __enter__(self):
+        for name, module in self.vae.named_modules():
+            if name and not isinstance(module, (torch.nn.ModuleList, torch.nn.Dropout, torch.nn.Identity)):
+                self.handles.append(module.register_forward_hook(self.make_hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+    def make_hook(self, name):
+        """A hook folding the module's tensor outputs into self.maxima[name]."""
+
+        def hook(module, inputs, output):
+            tensors = output if isinstance(output, (tuple, list)) else (output,)
+            for t in tensors:
+                if torch.is_tensor(t) and t.is_floating_point() and t.numel():
+                    value = float(t.detach().abs().amax())
+                    self.maxima[name] = max(self.maxima.get(name, 0.0), value)
+
+        return hook
+
+
+def inspect_precision(config, vae=None, progress=True):
+    """Largest |activation| per layer over fp32 encode + decode of the images, against the fp16 limit."""
+    from tqdm.auto import tqdm
+
+    from vaekit.data import open_source
+    from vaekit.evaluate import resolve_device
+
+    device = resolve_device(config.device)
+    if vae is None:
+        vae = load_model(config.vae, config.override, config.weights, device)
+    vae = vae.float()
+    source = open_source(config.data)
+    indices = range(min(len(source), config.limit or len(source)))
+    skipped = []
+    bar = tqdm(total=len(indices), desc="precision", unit="img", disable=not progress, dynamic_ncols=True)
+    with ActivationRanges(vae) as ranges:
+        for batch in batched(load_images(source, indices, config.size, skipped), config.batch_size):
+            mean, _ = posterior_moments(vae, torch.stack(batch).to(device))
+            decode_latents(vae, mean)
+            bar.update(len(batch))
+    bar.close()
+    # Execution order of first appearance reads better than alphabetical: dict order is hook order.
+    order = list(ranges.maxima)
+    layers = [{"layer": name, "max_abs": ranges.maxima[name], "fp16_fraction": ranges.maxima[name] / FP16_MAX}
+              for name in order]
+    overflow = [row["layer"] for row in layers if row["max_abs"] > FP16_MAX]
+    close = [row["layer"] for row in layers if FP16_MARGIN * FP16_MAX < row["max_abs"] <= FP16_MAX]
+    largest = max(layers, key=lambda row: row["max_abs"]) if layers else None
+    if overflow:
+        verdict = (f"NOT fp16-safe: {len(overflow)} layer(s) exceed float16's {FP16_MAX:.0f}, first {overflow[0]}. "
+                   "Run it in bf16 or fp32 (vaekit redoes an overflowing fp16 batch in fp32, at fp32's cost).")
+    elif close:
+        verdict = (f"fp16-risky: {len(close)} layer(s) above {FP16_MARGIN:.0%} of float16's range on these images "
+                   f"(largest {largest['layer']}, {largest['max_abs']:.4g}); other images may overflow.")
+    else:
+        verdict = f"fp16-safe on these images: the largest activation is {largest['fp16_fraction']:.2%} of float16's range."
+    result = {
+        "model": config.vae, "data": source.description, "images": len(indices) - len(skipped),
+        "size": config.size, "fp16_max": FP16_MAX, "margin": FP16_MARGIN, "skipped": skipped,
+        "overflow": overflow, "close": close, "fp16_safe": not overflow and not close, "verdict": verdict,
+        "layers": layers,
+    }
+    if config.out:
+        from vaekit.io import write_json
+
+        write_json(Path(config.out) / "precision.json", result)
+    return result
+
+
+def print_precision(result, top=15):
+    """The layers nearest the fp16 limit, then the verdict."""
+    rows = sorted(result["layers"], key=lambda row: -row["max_abs"])
+    shown = [r for r in rows if r["layer"] in result["overflow"] or r["layer"] in result["close"]] or rows[:top]
+    print(f"{result['images']} images at {result['size']} px; largest |activation| per layer (fp32 run), "
+          f"float16 limit {result['fp16_max']:.0f}:")
+    print(f"{'max |act|':>12} {'of fp16':>8}  layer")
+    for row in shown[: max(top, len(result["overflow"]))]:
+        flag = "  OVERFLOW" if row["layer"] in result["overflow"] else ""
+        print(f"{row['max_abs']:>12.4g} {row['fp16_fraction']:>8.2%}  {row['layer']}{flag}")
+    print(result["verdict"])
+
+
 def histogram_figure(values, result):
     """Histograms of normalised latent values per channel, with the N(0, 1) density for reference."""
     from vaekit import report
@@ -350,6 +455,12 @@ def run_inspect(args):
 
     config = from_dict(InspectConfig, {k: v for k, v in vars(args).items()
                                        if k in {f.name for f in dataclasses.fields(InspectConfig)} and v is not None})
+    if config.precision:
+        result = inspect_precision(config, progress=not args.quiet)
+        print_precision(result)
+        if config.out:
+            print(f"wrote {Path(config.out) / 'precision.json'}")
+        return 0
     result = inspect_latents(config, progress=not args.quiet)
     print_inspection(result)
     if config.out:
@@ -455,6 +566,8 @@ def add_commands(subparsers):
     p.add_argument("--seed", type=int, help="seed of the posterior samples (default 0)")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--precision", action="store_true", default=None,
+                   help="instead: per-layer largest activation against float16's limit (is this VAE fp16-safe?)")
     p.set_defaults(func=run_inspect)
 
     p = subparsers.add_parser("sample", help="decode z ~ N(0, I) from the normalised latent space to a PNG grid")

@@ -76,6 +76,7 @@ class EvaluateConfig:
     sample: bool = False  # decode a posterior sample instead of the posterior mean
     seed: int = 0  # for posterior samples
     dtype: typing.Literal["fp32", "fp16", "bf16"] = "fp32"
+    tile: str = "off"  # off, auto (tile what would not fit in memory) or a tile size in px (exact: vaekit.tiling)
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     lpips: bool = True  # LPIPS-VGG and LPIPS-Alex (needs pretrained weights: vaekit weights fetch)
     rfid: bool = True  # needs the FID Inception (vaekit weights fetch inception)
@@ -98,6 +99,8 @@ class EvaluateConfig:
             raise ValueError(f"resolution must be at least 8 px or 'full', got {self.resolution}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be at least 1, got {self.limit}")
+        if self.tile not in ("off", "auto") and not str(self.tile).isdigit():
+            raise ValueError(f"tile must be off, auto or a size in pixels, got {self.tile!r}")
         if self.batch_size < 1 or self.worst < 0 or self.crop < 8:
             raise ValueError("batch_size must be >= 1, worst >= 0 and crop >= 8")
 
@@ -142,7 +145,7 @@ def resolve_device(name):
 def load_candidates(config, device):
     """Load every --vae model (shared overrides applied) with its label."""
     from vaekit.commands import parse_model_overrides
-    from vaekit.model import downsample_factor, load_vae
+    from vaekit.model import cast_vae, downsample_factor, load_vae
 
     overrides = parse_model_overrides(config.override)
     labels = list(config.label) or unique_labels(config.vae)
@@ -152,10 +155,7 @@ def load_candidates(config, device):
             candidates.append(Candidate(label, spec, None, 1))
             continue
         vae = load_vae(spec, overrides, weights=config.weights)
-        # Moved here rather than by load_vae(device=...), whose .to(dtype=None) makes diffusers warn.
-        vae.to(device)
-        if config.dtype != "fp32":
-            vae.to(DTYPES[config.dtype])
+        cast_vae(vae, device=device, dtype=DTYPES[config.dtype])
         candidates.append(Candidate(label, spec, vae, downsample_factor(vae)))
     if len({c.label for c in candidates}) != len(candidates):
         raise VaekitError("Two models share a label; give each a distinct --label.")
@@ -231,7 +231,7 @@ def iterate_batches(source, indices, config, skipped):
         yield [b[0] for b in batch], [b[1] for b in batch], torch.stack([b[2] for b in batch])
 
 
-def encode_decode(vae, x, sample=False, seeds=None):
+def encode_decode(vae, x, sample=False, seeds=None, tile="off"):
     """Images (B, 3, H, W) in [-1, 1], any size -> reconstructions (B, 3, H, W) in float32.
 
     Through vaekit.tiling: padded to the downsampling factor and cropped back, with its fp32 retry
@@ -240,7 +240,7 @@ def encode_decode(vae, x, sample=False, seeds=None):
     from vaekit import tiling
 
     with torch.no_grad():
-        mean, logvar = tiling.encode(vae, x)
+        mean, logvar = tiling.encode(vae, x, tile=tile)
         z = mean
         if sample:
             # One generator per image, seeded by its position in the source, so a re-run (or the second
@@ -249,18 +249,18 @@ def encode_decode(vae, x, sample=False, seeds=None):
                 torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in seeds
             ]).to(mean.device)  # (B, C, h, w)
             z = mean + (0.5 * logvar).exp() * noise
-        return tiling.decode(vae, z, size=tuple(x.shape[-2:]))
+        return tiling.decode(vae, z, tile=tile, size=tuple(x.shape[-2:]))
 
 
 @torch.no_grad()
-def reconstruct_candidate(candidate, x, sample=False, seeds=None):
+def reconstruct_candidate(candidate, x, sample=False, seeds=None, tile="off"):
     """The candidate's reconstruction of x, clamped and rounded to 8 bits as a saved PNG would be."""
     if candidate.vae is None:
         return x.clone()
     device = next(candidate.vae.parameters()).device
     synchronize(device)
     start = time.perf_counter()
-    y = encode_decode(candidate.vae, x.to(device), sample, seeds)
+    y = encode_decode(candidate.vae, x.to(device), sample, seeds, tile)
     synchronize(device)
     candidate.seconds += time.perf_counter() - start
     return metrics.quantize(y)
@@ -391,7 +391,7 @@ def render_comparisons(source, chosen, candidates, config):
     comparisons = []
     for index, key, scores in chosen:
         x = load_image(source[index], config.resolution)[None]  # (1, 3, H, W)
-        recons = [reconstruct_candidate(c, x, config.sample, [config.seed + index]).cpu()[0] for c in shown]
+        recons = [reconstruct_candidate(c, x, config.sample, [config.seed + index], config.tile).cpu()[0] for c in shown]
         left, top, right, bottom = choose_crop(x[0], recons, config.crop)
         crop = lambda t: t[:, top:bottom, left:right]  # noqa: E731
         errors = [(crop(y) - crop(x[0])).abs().mean(dim=0) * 127.5 for y in recons]  # (h, w) in 8-bit levels
@@ -452,6 +452,9 @@ def describe_protocol(config, scorers, sizes):
         "latents": f"posterior sample, seed {config.seed} + image index" if config.sample else "posterior mean",
         "precision": {"fp32": "fp32", "fp16": "fp16 (fp32 retry on overflow)", "bf16": "bf16 (fp32 retry on overflow)"}[config.dtype],
         "reconstruction": "clamped to [-1, 1] and rounded to 8 bits before scoring (as if saved as PNG)",
+        "tiling": "off" if config.tile == "off" else (
+            f"tile={config.tile}: vaekit's exact tiling (image-wide GroupNorm statistics, full receptive field), "
+            "equal to untiled up to float rounding"),
         "psnr": f"per image over all pixels and channels, data range 1, capped at {config.psnr_cap:g} dB "
                 "(identical images have infinite PSNR); the mean of per-image values",
         "ssim": "per image, Gaussian window 11x11, sigma 1.5, data range 1 (torchmetrics)",
@@ -495,7 +498,7 @@ def evaluate(config, progress=True):
             reference.append(inception_features(scorers.inception, x))
         for candidate in candidates:
             seeds = [config.seed + i for i in batch_indices]
-            y = reconstruct_candidate(candidate, x, config.sample, seeds)
+            y = reconstruct_candidate(candidate, x, config.sample, seeds, config.tile)
             scores = score_images(x, y, scorers, period=candidate.factor, psnr_cap=config.psnr_cap)
             if scorers.inception is not None:
                 identical = candidate.vae is None  # the identity's features are the originals'
@@ -680,6 +683,7 @@ def add_commands(subparsers):
     p.add_argument("--seed", type=int, help="seed of the posterior samples")
     p.add_argument("--dtype", choices=list(DTYPES), help="model precision (default fp32)")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--tile", help="off (default), auto, or a tile size in px: exact tiled encode/decode for large images")
     p.add_argument("--lpips", action=argparse.BooleanOptionalAction, help="compute LPIPS (default on)")
     p.add_argument("--rfid", action=argparse.BooleanOptionalAction, help="compute rFID (default on)")
     p.add_argument("--worst", type=int, help="images shown in the report's comparison (default 4)")
