@@ -40,17 +40,22 @@ def other_vae_dir(tmp_path_factory):
     return str(save_diffusers(build_preset("tiny"), tmp_path_factory.mktemp("vae") / "other"))
 
 
+# fp32 compute: latents compared across runs and with vae.encode must not depend on whether this
+# CPU has native bf16 (which `--compute_dtype auto` would use); test_auto_precision covers auto.
+FP32 = ("--compute_dtype", "fp32")
+
+
 def encode(vae, data, out, *extra, resolution=32):
-    """Run `vaekit encode` in this process; returns its exit code."""
+    """Run `vaekit encode` in this process (fp32 compute); returns its exit code."""
     argv = ["encode", "--vae", str(vae), "--data", str(data), "--out", str(out), "--resolution", str(resolution),
-            "--quiet", *[str(a) for a in extra]]
+            "--quiet", *FP32, *[str(a) for a in extra]]
     return cli.main(argv)
 
 
 def encode_command(vae, data, out, *extra, resolution=32):
-    """The `vaekit encode` command line for a subprocess."""
+    """The `vaekit encode` command line for a subprocess (fp32 compute)."""
     return [sys.executable, "-m", "vaekit.cli", "encode", "--vae", str(vae), "--data", str(data), "--out", str(out),
-            "--resolution", str(resolution), "--quiet", *[str(a) for a in extra]]
+            "--resolution", str(resolution), "--quiet", *FP32, *[str(a) for a in extra]]
 
 
 def subprocess_env():
@@ -387,21 +392,34 @@ def test_webdataset_shards_encode_with_their_keys(tmp_path, vae_dir):
     assert all(e["path"] is None for e in entries)
 
 
-def test_tiled_encoding_is_part_of_the_key(tmp_path, vae_dir, capsys):
+def test_tiled_encoding_is_part_of_the_key(tmp_path, vae_dir, capsys, monkeypatch):
+    from vaekit import tiling
+
     data = tmp_path / "images"
-    write_photos(data, 2, size=(64, 64))
+    write_photos(data, 2, size=(192, 192))
     out = tmp_path / "cache"
-    assert encode(vae_dir, data, out, "--num_workers", 0, "--tile", "banana", resolution=64) == 2
+    assert encode(vae_dir, data, out, "--num_workers", 0, "--tile", "banana", resolution=192) == 2
     assert "tile" in capsys.readouterr().err
-    assert encode(vae_dir, data, out, "--num_workers", 0, "--tile", 32, "--dtype", "fp32", resolution=64) == 0
-    assert json.loads((out / "card.json").read_text())["key"]["tile"] == "32"
-    assert encode(vae_dir, data, out, "--num_workers", 0, "--dtype", "fp32", resolution=64) == 2
-    assert "tile 32 in the cache, off now" in capsys.readouterr().err
+    assert encode(vae_dir, data, out, "--num_workers", 0, "--tile", 32, resolution=192) == 2
+    assert "at least 88 px" in capsys.readouterr().err  # too small for the tiny preset's receptive field
+    calls = []
+    real = tiling.encode_tiled
+    monkeypatch.setattr(tiling, "encode_tiled", lambda *a: calls.append(a[2]) or real(*a))
+    assert encode(vae_dir, data, out, "--num_workers", 0, "--tile", 96, "--dtype", "fp32", resolution=192) == 0
+    assert calls and set(calls) == {96}  # the tiled path ran
+    assert json.loads((out / "card.json").read_text())["key"]["tile"] == "96"
+    assert encode(vae_dir, data, out, "--num_workers", 0, "--dtype", "fp32", resolution=192) == 2
+    assert "tile 96 in the cache, off now" in capsys.readouterr().err
     untiled = tmp_path / "untiled"
-    assert encode(vae_dir, data, untiled, "--num_workers", 0, "--dtype", "fp32", resolution=64) == 0
+    assert encode(vae_dir, data, untiled, "--num_workers", 0, "--dtype", "fp32", resolution=192) == 0
+    # Exact tiling: equal up to float rounding. The encoder runs channels-last, where oneDNN picks
+    # its convolution algorithm by shape: against a float64 reference the untiled pass is off by
+    # about 5e-4 here and the tiled one by 4e-6, so the tolerance is the untiled kernel's error.
     tiled, plain = stored(out), stored(untiled)
     assert sorted(tiled) == sorted(plain)
-    assert not any(torch.equal(tiled[slot][0], plain[slot][0]) for slot in tiled), "the tiled path ran"
+    for slot in tiled:
+        for x, y in zip(tiled[slot], plain[slot]):
+            torch.testing.assert_close(x, y, rtol=0, atol=2e-3)
 
 
 def test_yaml_config_with_flag_overrides(tmp_path, vae_dir, capsys):
@@ -417,3 +435,25 @@ def test_yaml_config_with_flag_overrides(tmp_path, vae_dir, capsys):
     assert cli.main(["encode", "--config", str(config), "--vae", vae_dir, "--data", str(data), "--out",
                      str(tmp_path / "other")]) == 2
     assert "Unknown config key 'batch_sise'" in capsys.readouterr().err
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(tmp_path, vae_dir, monkeypatch):
+    from vaekit import encode as encode_module
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(encode_module, "cpu_has_native_bf16", lambda: False)
+    assert encode_module.resolve_compute_dtype("auto", cpu) == torch.float32
+    monkeypatch.setattr(encode_module, "cpu_has_native_bf16", lambda: True)
+    assert encode_module.resolve_compute_dtype("auto", cpu) == torch.bfloat16
+    assert encode_module.resolve_compute_dtype("fp32", cpu) == torch.float32
+
+    # bf16 compute (what auto picks on such a CPU) stays near fp32: about bf16's 8 bits of mantissa.
+    data = tmp_path / "images"
+    write_photos(data, 3, size=(48, 40))
+    args = ["--vae", vae_dir, "--data", str(data), "--resolution", "32", "--num_workers", "0", "--dtype", "fp32", "--quiet"]
+    assert cli.main(["encode", *args, "--out", str(tmp_path / "auto")]) == 0
+    assert cli.main(["encode", *args, "--out", str(tmp_path / "fp32"), "--compute_dtype", "fp32"]) == 0
+    low, full = stored(tmp_path / "auto"), stored(tmp_path / "fp32")
+    assert sorted(low) == sorted(full)
+    for slot in full:
+        assert (low[slot][0] - full[slot][0]).abs().max() < 0.05 and not torch.equal(low[slot][0], full[slot][0])

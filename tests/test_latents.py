@@ -32,7 +32,8 @@ def exact_cache(tmp_path_factory, vae_dir):
     data, out = folder / "images", folder / "cache"
     write_photos(data, 5, size=(48, 40))
     argv = ["encode", "--vae", vae_dir, "--data", str(data), "--out", str(out), "--resolution", "32", "--dtype", "fp32",
-            "--batch_size", "1", "--num_workers", "0", "--no-channels_last", "--flip", "--shard_size", "4", "--quiet"]
+            "--batch_size", "1", "--num_workers", "0", "--no-channels_last", "--flip", "--shard_size", "4", "--quiet",
+            "--compute_dtype", "fp32"]
     assert cli.main(argv) == 0
     return data, out
 
@@ -117,7 +118,7 @@ def test_flip_modes_and_mode_only_caches(exact_cache, tmp_path, vae_dir):
     data = tmp_path / "images"
     write_photos(data, 2)
     argv = ["encode", "--vae", vae_dir, "--data", str(data), "--out", str(mode_cache), "--resolution", "32",
-            "--store", "mode", "--num_workers", "0", "--quiet"]
+            "--store", "mode", "--num_workers", "0", "--quiet", "--compute_dtype", "fp32"]
     assert cli.main(argv) == 0
     dataset = LatentDataset(mode_cache)
     assert not dataset.sample and dataset[0]["latents"].dtype == torch.float32
@@ -152,7 +153,7 @@ def test_dataloader_with_workers_and_bucket_batches(tmp_path, vae_dir):
         make_photo(*size, seed=i).save(data / f"img{i}.png")
     out = tmp_path / "cache"
     argv = ["encode", "--vae", vae_dir, "--data", str(data), "--out", str(out), "--resolution", "64", "--buckets",
-            "--bucket_step", "16", "--num_workers", "0", "--quiet"]
+            "--bucket_step", "16", "--num_workers", "0", "--quiet", "--compute_dtype", "fp32"]
     assert cli.main(argv) == 0
     dataset = LatentDataset(out)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=BucketBatchSampler(dataset, 2),
@@ -223,7 +224,7 @@ def test_stats_command_writes_a_vae_whose_normalisation_whitens_the_cache(exact_
 
     # The same numbers straight from the VAE and the images, without a cache.
     assert cli.main(["stats", "--vae", str(export), "--data", str(data), "--resolution", "32", "--flip",
-                     "--of", "mean", "--num_workers", "0", "--json"]) == 0
+                     "--of", "mean", "--num_workers", "0", "--compute_dtype", "fp32", "--json"]) == 0
     direct = json.loads(capsys.readouterr().out)
     np.testing.assert_allclose(direct["statistics"]["mean"], report["statistics"]["mean"], atol=1e-5)
     np.testing.assert_allclose(direct["statistics"]["std"], report["statistics"]["std"], atol=1e-5)
