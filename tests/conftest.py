@@ -3,6 +3,17 @@
 import os
 
 import pytest
+import torch
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (the machine is small and shared), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 # ---------------------------------------------------------------------------------------------------
 # Pretrained LPIPS / FID weights (vaekit.weights): fetched once into the user cache, then instant.

@@ -14,13 +14,7 @@ from vaekit.latents import suggest_normalization
 from vaekit.model import build_preset, save_diffusers
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tests share a small machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests share a small machine
 
 
 @pytest.fixture(scope="module")

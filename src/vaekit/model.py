@@ -263,8 +263,18 @@ def load_vae(spec, overrides=None, device=None, dtype=None, weights="ema"):
             vae = load_from_hub(spec, overrides)
     vae.eval()
     if device is not None or dtype is not None:
-        vae.to(device=device, dtype=dtype)
+        cast_vae(vae, device=device, dtype=dtype)
     return vae
+
+
+def cast_vae(vae, device=None, dtype=None):
+    """vae.to(device, dtype) in place, returning vae, without diffusers' notice on every dtype cast.
+
+    diffusers' ModelMixin.to warns that some modules "should be kept in float32" on any cast to a
+    dtype, even for AutoencoderKL, which keeps none (the list it prints is empty); torch's own
+    Module.to does the same cast silently.
+    """
+    return torch.nn.Module.to(vae, device=device, dtype=dtype)
 
 
 def save_diffusers(vae, out_dir, dtype=None):
@@ -281,7 +291,7 @@ def save_diffusers(vae, out_dir, dtype=None):
         if dtype is not None:
             model = AutoencoderKL(**vae_config(vae))
             model.load_state_dict(vae.state_dict())
-            model.to(dtype)
+            cast_vae(model, dtype=dtype)
         model.save_pretrained(str(tmp), safe_serialization=True)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")

@@ -1,7 +1,7 @@
 """Plugging a vaekit VAE into a diffusers pipeline, with the shape check diffusers does not make."""
 
 from vaekit.errors import VaekitError
-from vaekit.model import downsample_factor, latent_channels
+from vaekit.model import cast_vae, downsample_factor, latent_channels
 
 
 def denoiser_latent_channels(pipe):
@@ -33,7 +33,7 @@ def check_vae_fits(pipe, vae):
 def replace_vae(pipe, vae):
     """Swap `vae` into `pipe` after checking it fits; updates the pipeline's scale factor."""
     check_vae_fits(pipe, vae)
-    vae = vae.to(device=pipe.device, dtype=pipe.dtype)
+    vae = cast_vae(vae, device=pipe.device, dtype=pipe.dtype)
     pipe.register_modules(vae=vae)
     old, factor = getattr(pipe, "vae_scale_factor", None), downsample_factor(vae)
     if old is not None:

@@ -17,7 +17,6 @@ state) next to safetensors weights and weights-only `.pt` optimizer and RNG stat
 """
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -655,7 +654,7 @@ def train(config, resume=None):
 
     from vaekit.data import build_train_val, collate_images
     from vaekit.discriminator import DiscriminatorConfig, PatchDiscriminator
-    from vaekit.model import load_vae, vae_config
+    from vaekit.model import cast_vae, load_vae, vae_config
 
     check_config(config)
     cfg, out_dir = config, Path(config.out_dir)
@@ -710,9 +709,7 @@ def train(config, resume=None):
         vae = load_training_checkpoint(checkpoint, weights="raw")  # architecture from the checkpoint
     else:
         vae = load_vae(cfg.model.source, overrides=cfg.model.overrides or None)
-    if any(p.dtype != torch.float32 for p in vae.parameters()):
-        vae.to(torch.float32)  # fp32 master weights, whatever the checkpoint's dtype; autocast does the rest
-    vae.to(device)
+    cast_vae(vae, device=device, dtype=torch.float32)  # fp32 master weights, whatever the checkpoint's dtype
     if cfg.model.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     if cfg.model.compile:
