@@ -36,9 +36,9 @@ import torch._dynamo
 import torch.nn.functional as F
 
 from vaekit import fast
+from vaekit.config import DTYPES
 from vaekit.errors import VaekitError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Dense bf16/fp16 tensor-core peak in TFLOP/s, from the vendors' data sheets, keyed on a substring of
 # torch.cuda.get_device_name(); the first match wins, so the more specific names come first.

@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 
+from vaekit.config import DTYPES
+
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "data" / "photos" / "eval"
 VARIANTS = ("untiled", "vaekit tiled", "diffusers tiled")  # "vaekit tiled N" runs vaekit with tile N
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None):
@@ -130,7 +131,7 @@ def run_variant(args, variant, workdir):
                "--threads", str(args.threads)] + (["--image", args.image] if args.image else [])
     subprocess.run(command, check=True)
     result = json.loads((workdir / f"{variant}.json").read_text())
-    return torch.load(workdir / f"{variant}.pt"), result
+    return torch.load(workdir / f"{variant}.pt", weights_only=True), result
 
 
 def main(argv=None):

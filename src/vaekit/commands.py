@@ -5,10 +5,8 @@ from pathlib import Path
 
 import torch
 
-from vaekit.config import parse_override
+from vaekit.config import DTYPES, parse_override
 from vaekit.errors import VaekitError
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_model_overrides(items):

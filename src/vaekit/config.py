@@ -8,10 +8,14 @@ import types
 import typing
 from pathlib import Path
 
+import torch
 import yaml
 
 from vaekit.errors import VaekitError
 from vaekit.io import write_text
+
+# The dtype names config keys and flags take (--dtype, --compute_dtype).
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _type_name(tp):

@@ -247,10 +247,27 @@ def batched(iterable, size):
         yield batch
 
 
-def inspect_latents(config, vae=None, progress=True):
-    """Run the diagnostics; writes inspect.json and histograms.png to config.out when set; returns the result."""
+def image_batches(config, source, device, skipped, desc, progress=True):
+    """Batches (B, 3, size, size) on `device` of the first config.limit images, with a progress bar.
+
+    Images that cannot be decoded are appended to `skipped`.
+    """
     from tqdm.auto import tqdm
 
+    indices = range(image_count(config, source))
+    with tqdm(total=len(indices), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for batch in batched(load_images(source, indices, config.size, skipped), config.batch_size):
+            yield torch.stack(batch).to(device)
+            bar.update(len(batch))
+
+
+def image_count(config, source):
+    """How many images of the source a run looks at."""
+    return min(len(source), config.limit or len(source))
+
+
+def inspect_latents(config, vae=None, progress=True):
+    """Run the diagnostics; writes inspect.json and histograms.png to config.out when set; returns the result."""
     from vaekit.data import open_source
     from vaekit.evaluate import resolve_device
     from vaekit.model import normalize_latents, scale_shift
@@ -259,16 +276,12 @@ def inspect_latents(config, vae=None, progress=True):
     if vae is None:
         vae = load_model(config.vae, config.override, config.weights, device)
     source = open_source(config.data)
-    indices = range(min(len(source), config.limit or len(source)))
-    stats = LatentStatistics(keep_per_image=max(1, math.ceil(HISTOGRAM_VALUES / max(len(indices), 1))))
+    stats = LatentStatistics(keep_per_image=max(1, math.ceil(HISTOGRAM_VALUES / max(image_count(config, source), 1))))
     generator = torch.Generator().manual_seed(config.seed)
     skipped = []
-    bar = tqdm(total=len(indices), desc="inspect", unit="img", disable=not progress, dynamic_ncols=True)
-    for batch in batched(load_images(source, indices, config.size, skipped), config.batch_size):
-        mean, logvar = posterior_moments(vae, torch.stack(batch).to(device))
+    for x in image_batches(config, source, device, skipped, "inspect", progress):
+        mean, logvar = posterior_moments(vae, x)
         stats.update(mean, logvar, generator)
-        bar.update(len(batch))
-    bar.close()
     result = stats.result()
     scale, shift = scale_shift(vae)
     # The same computation as `vaekit stats`: statistics of z ~ q(z|x), from the posterior moments.
@@ -344,8 +357,6 @@ class ActivationRanges:
 
 def inspect_precision(config, vae=None, progress=True):
     """Largest |activation| per layer over fp32 encode + decode of the images, against the fp16 limit."""
-    from tqdm.auto import tqdm
-
     from vaekit.data import open_source
     from vaekit.evaluate import resolve_device
 
@@ -354,19 +365,12 @@ def inspect_precision(config, vae=None, progress=True):
         vae = load_model(config.vae, config.override, config.weights, device)
     vae = vae.float()
     source = open_source(config.data)
-    indices = range(min(len(source), config.limit or len(source)))
     skipped = []
-    bar = tqdm(total=len(indices), desc="precision", unit="img", disable=not progress, dynamic_ncols=True)
     with ActivationRanges(vae) as ranges:
-        for batch in batched(load_images(source, indices, config.size, skipped), config.batch_size):
-            mean, _ = posterior_moments(vae, torch.stack(batch).to(device))
-            decode_latents(vae, mean)
-            bar.update(len(batch))
-    bar.close()
-    # Execution order of first appearance reads better than alphabetical: dict order is hook order.
-    order = list(ranges.maxima)
-    layers = [{"layer": name, "max_abs": ranges.maxima[name], "fp16_fraction": ranges.maxima[name] / FP16_MAX}
-              for name in order]
+        for x in image_batches(config, source, device, skipped, "precision", progress):
+            decode_latents(vae, posterior_moments(vae, x)[0])
+    # Layers in the order they first ran (dict order is hook order), which reads better than alphabetical.
+    layers = [{"layer": name, "max_abs": value, "fp16_fraction": value / FP16_MAX} for name, value in ranges.maxima.items()]
     overflow = [row["layer"] for row in layers if row["max_abs"] > FP16_MAX]
     close = [row["layer"] for row in layers if FP16_MARGIN * FP16_MAX < row["max_abs"] <= FP16_MAX]
     largest = max(layers, key=lambda row: row["max_abs"]) if layers else None
@@ -379,7 +383,7 @@ def inspect_precision(config, vae=None, progress=True):
     else:
         verdict = f"fp16-safe on these images: the largest activation is {largest['fp16_fraction']:.2%} of float16's range."
     result = {
-        "model": config.vae, "data": source.description, "images": len(indices) - len(skipped),
+        "model": config.vae, "data": source.description, "images": image_count(config, source) - len(skipped),
         "size": config.size, "fp16_max": FP16_MAX, "margin": FP16_MARGIN, "skipped": skipped,
         "overflow": overflow, "close": close, "fp16_safe": not overflow and not close, "verdict": verdict,
         "layers": layers,

@@ -37,13 +37,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vaekit.config import DTYPES
 from vaekit.errors import VaekitError
 from vaekit.latents import current_entries, parse_manifest, read_manifests
 
 FORMAT = "vaekit-latents"
 FORMAT_VERSION = 1
 STORE_MODES = ("mean_logvar", "mode")
-STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SHARD_PATTERN = re.compile(r"^shard-(\d+)-(\d+)\.safetensors$")
 NON_FINITE = "non-finite latent"
 
@@ -411,7 +411,7 @@ def resolve_compute_dtype(name, device):
     overflows is redone in fp32 (vaekit.tiling). `--compute_dtype fp32` gives bit-reproducible fp32.
     """
     if name != "auto":
-        return STORAGE_DTYPES[name]
+        return DTYPES[name]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
@@ -466,7 +466,7 @@ def stream_latents(encoder, chunks, config, counters, progress=None):
     the end. `mean`/`logvar` are on the encoder's device in the storage dtype; metas has one entry per
     row (flipped rows after the originals, `flip` set).
     """
-    store_dtype = STORAGE_DTYPES[config.dtype]
+    store_dtype = DTYPES[config.dtype]
     size = config.batch_size
     pending = {}  # bucket -> (pixels (N, 3, H, W), metas) short of a full batch
 
@@ -516,7 +516,6 @@ class ShardWriter:
         self.error = None
         self.pending = {}  # group -> {"mean": [...], "logvar": [...], "entries": [...]}
         self.pending_count = 0
-        self.written = 0
         self.shards = 0
         self.non_finite = 0
 
@@ -611,7 +610,6 @@ class ShardWriter:
         self._append(self.manifest_path, lines)  # only now is the shard part of the cache
         self.seq += 1
         self.shards += 1
-        self.written += len(lines)
         self.pending, self.pending_count = {}, 0
 
     @staticmethod
@@ -889,7 +887,7 @@ def add_commands(subparsers):
     d = EncodeConfig()
     p.add_argument("--store", choices=list(STORE_MODES),
                    help="mean_logvar (default) keeps the posterior so a trainer can sample; mode keeps the mean")
-    p.add_argument("--dtype", choices=list(STORAGE_DTYPES), help=f"storage dtype (default {d.dtype})")
+    p.add_argument("--dtype", choices=list(DTYPES), help=f"storage dtype (default {d.dtype})")
     p.add_argument("--shard_size", type=int, help=f"samples per shard (default {d.shard_size})")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace a cache whose key differs instead of refusing")

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from vaekit import metrics
+from vaekit.config import DTYPES
 from vaekit.errors import VaekitError
 
 IDENTITY = "identity"  # a pseudo-model whose reconstruction is its input: the pipeline's upper bound
@@ -126,7 +127,6 @@ class Scorers:
     missing: dict  # metric name -> reason
 
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device(name):
@@ -231,7 +231,7 @@ def iterate_batches(source, indices, config, skipped):
         yield [b[0] for b in batch], [b[1] for b in batch], torch.stack([b[2] for b in batch])
 
 
-def encode_decode(vae, x, sample=False, seeds=None, tile="off"):
+def encode_decode(vae, x, sample=False, seeds=None, tile="off", overlap=None, memory_budget=None):
     """Images (B, 3, H, W) in [-1, 1], any size -> reconstructions (B, 3, H, W) in float32.
 
     Through vaekit.tiling: padded to the downsampling factor and cropped back, with its fp32 retry
@@ -240,7 +240,7 @@ def encode_decode(vae, x, sample=False, seeds=None, tile="off"):
     from vaekit import tiling
 
     with torch.no_grad():
-        mean, logvar = tiling.encode(vae, x, tile=tile)
+        mean, logvar = tiling.encode(vae, x, tile=tile, overlap=overlap, memory_budget=memory_budget)
         z = mean
         if sample:
             # One generator per image, seeded by its position in the source, so a re-run (or the second
@@ -249,7 +249,7 @@ def encode_decode(vae, x, sample=False, seeds=None, tile="off"):
                 torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in seeds
             ]).to(mean.device)  # (B, C, h, w)
             z = mean + (0.5 * logvar).exp() * noise
-        return tiling.decode(vae, z, tile=tile, size=tuple(x.shape[-2:]))
+        return tiling.decode(vae, z, tile=tile, overlap=overlap, memory_budget=memory_budget, size=tuple(x.shape[-2:]))
 
 
 @torch.no_grad()

@@ -63,9 +63,6 @@ PRESETS = {
     },
 }
 
-# Config fields that change nothing in the weights, so they may be overridden on a loaded model.
-NORMALIZATION_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast", "sample_size")
-
 
 def config_keys():
     """Names that AutoencoderKL's config accepts."""

@@ -10,21 +10,8 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
 
 from vaekit.errors import VaekitError
-
-
-def reconstruct_image(vae, x, tile="off", overlap=None, memory_budget=None, sample=False, seed=0):
-    """Images (B, 3, H, W) in [-1, 1] -> reconstructions (B, 3, H, W) in float32, through vaekit.tiling."""
-    from vaekit import tiling
-
-    mean, logvar = tiling.encode(vae, x, tile=tile, overlap=overlap, memory_budget=memory_budget)
-    z = mean
-    if sample:
-        noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed)).to(mean.device)
-        z = mean + (0.5 * logvar).exp() * noise
-    return tiling.decode(vae, z, tile=tile, overlap=overlap, memory_budget=memory_budget, size=tuple(x.shape[-2:]))
 
 
 def output_path(out, image, used):
@@ -55,9 +42,10 @@ def check_options(vae, tile, overlap):
 
 def run_reconstruct(args):
     """`vaekit reconstruct`."""
-    from vaekit.commands import DTYPES, load_model_from_args
+    from vaekit.commands import load_model_from_args
+    from vaekit.config import DTYPES
     from vaekit.data import ImageError, decode_image, to_pil, to_tensor
-    from vaekit.evaluate import resolve_device
+    from vaekit.evaluate import encode_decode, resolve_device
     from vaekit.metrics import psnr
     from vaekit.model import cast_vae
     from vaekit.report import save_png
@@ -77,9 +65,9 @@ def run_reconstruct(args):
             print(f"skipped {image}: {e}")
             continue
         start = time.perf_counter()
-        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            y = reconstruct_image(vae, x, tile, args.overlap, args.memory_budget, args.sample, args.seed)
+            y = encode_decode(vae, x, args.sample, [args.seed], tile, args.overlap, args.memory_budget)
         seconds = time.perf_counter() - start
         for w in caught:
             print(f"warning: {w.message}")
@@ -96,7 +84,8 @@ def run_reconstruct(args):
 
 def add_commands(subparsers):
     """Register reconstruct."""
-    from vaekit.commands import DTYPES, add_model_arguments
+    from vaekit.commands import add_model_arguments
+    from vaekit.config import DTYPES
 
     p = subparsers.add_parser(
         "reconstruct", help="encode and decode images of any size (tiled, seam-free) and write the PNGs",

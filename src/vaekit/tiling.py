@@ -11,10 +11,11 @@ which shows as seams and colour drift; here no tile ever normalises on its own:
 
 - The global part of each network, the mid-block with its attention, runs untiled at latent
   resolution, where it is small.
-- The high-resolution convolutional part is cut into stages, one per resolution level (the encoder's
-  down blocks; the decoder's up blocks, each with the upsampler before it). A stage's output is
-  assembled whole at its resolution, a fraction of the size of the full-resolution activations a
-  stage works on, and is the next stage's input.
+- The high-resolution convolutional part is a chain of resolution levels (the encoder's down
+  blocks; the decoder's up blocks, each with the upsampler before it), grouped into stages. A
+  stage's output is assembled whole and is the next stage's input; a stage ends only where its
+  output is at most a quarter of the image's resolution, so what is held whole is small next to
+  the full-resolution activations the tiles work on.
 - Inside a stage, tiles of the stage input run once per GroupNorm: pass k normalises the first k
   GroupNorms with image-wide statistics measured in earlier passes, adds the moments of the (k+1)-th
   GroupNorm's input over each tile's core (the part of the image the tile owns), and stops there.
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaekit.errors import VaekitError
+from vaekit.model import cast_vae, downsample_factor
 
 # Default window for tile="auto" when the budget allows any size: large windows waste less on context.
 MAX_AUTO_TILE = 1024
@@ -49,11 +51,6 @@ PEAK_ACTIVATIONS = 4.0
 
 # ---------------------------------------------------------------------------------------------------
 # Model geometry and checks
-
-
-def downsample_factor(vae):
-    """Pixels per latent along each side."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def model_dtype(vae):
@@ -137,10 +134,10 @@ def split_axis(length, tile, overlap, align):
     """Split [0, length) into equal windows of at most `tile` pixels and the cores they own.
 
     As few windows as `tile` allows, each as small as that count allows; equal windows make every
-    tile allocate the same buffer sizes, so the allocator reuses them instead of fragmenting. Window starts are multiples of `align`, spread evenly from 0 to
-    length - tile, with at least 2 * overlap in common between neighbours; the core boundary lies in
-    the middle of that common part, so every inner core edge is at least `overlap` from its window's
-    edge. `length`, `tile` and `overlap` are multiples of `align`. Returns [((w0, w1), (c0, c1))].
+    tile allocate the same buffer sizes, so the allocator reuses them instead of fragmenting.
+    Window starts are multiples of `align`, spread evenly from 0 to length - size, with at least
+    2 * overlap in common between neighbours; the core boundary lies in the middle of that common
+    part, so every inner core edge is at least `overlap` from its window's edge. `length`, `tile` and `overlap` are multiples of `align`. Returns [((w0, w1), (c0, c1))].
     """
     if length <= tile:
         return [((0, length), (0, length))]
@@ -176,15 +173,6 @@ def plan_tiles(height, width, tile, overlap, align):
 # The networks, split where global attention ends and the high-resolution convolutions begin
 
 
-def encoder_head(vae, x):
-    """Tiled part of the encoder: conv_in and the down blocks, (B, 3, H, W) -> (B, C, H/f, W/f)."""
-    enc = vae.encoder
-    h = enc.conv_in(x)
-    for block in enc.down_blocks:
-        h = block(h)
-    return h
-
-
 def encoder_tail(vae, h):
     """Untiled part of the encoder at latent resolution: mid-block (attention), output convs -> (mean, logvar)."""
     enc = vae.encoder
@@ -205,22 +193,21 @@ def decoder_head(vae, z):
     return dec.mid_block(dec.conv_in(z), None)
 
 
-def decoder_tail(vae, h):
-    """Tiled part of the decoder: the up blocks and output convs, (B, C, h, w) -> (B, 3, h*f, w*f)."""
-    dec = vae.decoder
-    for block in dec.up_blocks:
-        h = block(h, None)
-    return dec.conv_out(dec.conv_act(dec.conv_norm_out(h)))
+def run_levels(levels, h):
+    """The levels in sequence, untiled: the same modules, in the same order, as the diffusers forward."""
+    for level in levels:
+        h = level.run(h)
+    return h
 
 
 def encode_moments(vae, x):
     """Untiled: (B, 3, H, W) padded images -> (mean, logvar) of the posterior."""
-    return encoder_tail(vae, encoder_head(vae, x))
+    return encoder_tail(vae, run_levels(encoder_levels(vae), x))
 
 
 def decode_latents(vae, z):
     """Untiled: (B, C, h, w) latents -> (B, 3, h * f, w * f) images."""
-    return decoder_tail(vae, decoder_head(vae, z))
+    return run_levels(decoder_levels(vae), decoder_head(vae, z))
 
 
 def check_supported(vae):
@@ -262,9 +249,7 @@ class Stage:
         return [m for level in self.levels for m in level.modules]
 
     def run(self, h):
-        for level in self.levels:
-            h = level.run(h)
-        return h
+        return run_levels(self.levels, h)
 
 
 def conv_reach(modules):
@@ -613,25 +598,6 @@ def parse_bytes(value):
     return int(float(match.group(1)) * 1024 ** " kmgt".index(match.group(2) or " "))
 
 
-def largest_activation(vae, height, width, direction):
-    """Elements per image of the largest activation an untiled pass over (height, width) pixels holds."""
-    channels = list(vae.config.block_out_channels)
-    sizes = []
-    if direction == "encode":
-        for i, c in enumerate(channels):  # down block i works at 1 / 2^i, its input has the previous width
-            pixels = math.ceil(height / 2**i) * math.ceil(width / 2**i)
-            sizes.append(max(c, channels[max(0, i - 1)]) * pixels)
-    else:
-        top = len(channels) - 1
-        rev = channels[::-1]
-        for i, c in enumerate(rev):  # up block i works at 1 / 2^(top - i); its upsampler doubles the size
-            pixels = math.ceil(height / 2 ** (top - i)) * math.ceil(width / 2 ** (top - i))
-            sizes.append(max(c, rev[max(0, i - 1)]) * pixels)
-            if i < top:
-                sizes.append(c * pixels * 4)
-    return max(sizes)
-
-
 def level_shapes(vae, direction):
     """Per level, from the config alone: (input channels, widest channels, output channels, scale).
 
@@ -646,6 +612,18 @@ def level_shapes(vae, direction):
     rev = c[::-1]
     return [(rev[max(0, i - 1)], max(rev[i], rev[max(0, i - 1)]), 3 if i == n - 1 else rev[i], 2.0 if i else 1.0)
             for i in range(n)]
+
+
+def largest_activation(vae, height, width, direction):
+    """Elements per image of the largest activation an untiled pass over (height, width) pixels holds."""
+    resolution = 1.0 if direction == "encode" else 1.0 / downsample_factor(vae)  # level input / image
+    largest = 0.0
+    for _, widest, _, scale in level_shapes(vae, direction):
+        # Encoder convolutions run at the level's input resolution, decoder ones at its output's.
+        work = resolution * (scale if direction == "decode" else 1.0)
+        largest = max(largest, widest * height * work * width * work)
+        resolution *= scale
+    return largest
 
 
 def estimate_memory(vae, batch, height, width, direction, tile=None, dtype=None):
@@ -664,7 +642,7 @@ def estimate_memory(vae, batch, height, width, direction, tile=None, dtype=None)
         held = shapes[group[0]][0] * area  # the stage input, held whole ...
         level_res, work = 1.0, 0.0
         for i in group:
-            in_ch, widest, out_ch, scale = shapes[i]
+            _, widest, _, scale = shapes[i]
             # Encoder convolutions run at the level's input resolution, decoder ones at its output's.
             work_res = level_res * (scale if direction == "decode" else 1.0)
             work = max(work, widest * window * work_res**2)
@@ -739,8 +717,6 @@ def run_with_fallback(vae, fn, *inputs):
             stacklevel=3,
         )
         # Casting fp16/bf16 weights up and back down is exact, so the caller's model is unchanged.
-        from vaekit.model import cast_vae
-
         try:
             cast_vae(vae, dtype=torch.float32)
             return fn(vae, *[t.to(torch.float32) for t in inputs])
