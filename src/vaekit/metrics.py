@@ -225,10 +225,3 @@ def fid_from_features(features1, features2):
     trace_sqrt = torch.linalg.svdvals(a @ b.T).sum() / math.sqrt((n1 - 1) * (n2 - 1))
     return max(float(mean_term + traces - 2 * trace_sqrt), 0.0)
 
-
-@torch.no_grad()
-def reconstruct(vae, x, sample=False, generator=None):
-    """Encode and decode a batch (posterior mean unless `sample`); returns images in [-1, 1]."""
-    posterior = vae.encode(x).latent_dist
-    z = posterior.sample(generator) if sample else posterior.mean
-    return vae.decode(z).sample

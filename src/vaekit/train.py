@@ -464,12 +464,13 @@ def prune_checkpoints(out_dir, keep_last):
 def validate(vae, images, lpips_net=None, batch_size=4):
     """Reconstruct held-out images with the posterior mean; returns (metrics dict, reconstructions)."""
     from vaekit import metrics
+    from vaekit.evaluate import encode_decode
 
     device = next(vae.parameters()).device
     recons, psnr, ssim, lp = [], [], [], []
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device)  # (b, 3, H, W)
-        y = metrics.reconstruct(vae, x).clamp(-1, 1)
+        y = encode_decode(vae, x).clamp(-1, 1)
         recons.append(y.cpu())
         psnr.append(metrics.psnr(y, x, max_db=100.0).cpu())
         ssim.append(metrics.ssim(y, x).cpu())
