@@ -7,7 +7,7 @@ its speed counts (PSNR >= --gate_db; a row that fails says so and its speed-up i
 Variants (--variants):
   eager     diffusers AutoencoderKL as it comes, in --dtype (the baseline every ratio is against)
   compiled  diffusers' best simple setup: channels_last + torch.compile of encoder and decoder
-  vaekit    vaekit.fast.optimize_vae with --levers (and, for training, vaekit.train's step pieces)
+  vaekit    vaekit.codec.levers.optimize_vae with --levers (and, for training, vaekit.train.steps)
 --ablate adds one row per lever in --levers, applied alone to the eager model.
 
 Examples:
@@ -35,8 +35,8 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
-from vaekit import fast
-from vaekit.config import DTYPES
+from vaekit.codec import levers as fast
+from vaekit.device import DTYPES
 from vaekit.errors import VaekitError
 
 
@@ -497,7 +497,7 @@ def run_inference_workload(workload, base, variants, args, device, dtype):
 
 @dataclasses.dataclass
 class TrainLosses:
-    """The loss recipe both training steps compute (latent-diffusion's, in vaekit.losses' mean reduction)."""
+    """The loss recipe both training steps compute (latent-diffusion's, in vaekit.train.losses' mean reduction)."""
 
     perceptual_weight: float = 1.0
     kl_weight: float = 1e-6 * 4 / 192  # vaekit.train.LossConfig's default (latent-diffusion's 1e-6 per element sum)
@@ -514,7 +514,7 @@ def load_perceptual_net(net):
     """
     import lpips
 
-    from vaekit.weights import load_lpips, lpips_available
+    from vaekit.pretrained.backbones import load_lpips, lpips_available
 
     if lpips_available(net):
         return load_lpips(net, download=False), "pretrained"
@@ -524,7 +524,7 @@ def load_perceptual_net(net):
 
 def make_discriminator(seed):
     """vaekit's PatchGAN (pix2pix NLayerDiscriminator, 3 layers, 64 channels, BatchNorm), seeded."""
-    from vaekit.discriminator import DiscriminatorConfig, PatchDiscriminator
+    from vaekit.train.discriminator import DiscriminatorConfig, PatchDiscriminator
 
     torch.manual_seed(seed)
     return PatchDiscriminator(DiscriminatorConfig())
@@ -602,7 +602,7 @@ def build_vaekit_step(vae, disc, perceptual, device, dtype, recipe, levers):
     vaekit.train has no single step function (the loop body lives in train()), so this mirrors that
     body for grad_accum=1: prepared modules, generator_step, clipped AdamW step, discriminator_step.
     """
-    from vaekit import train as vtrain
+    from vaekit.train import config as train_config, losses, steps
 
     accelerator = get_accelerator(device, dtype)
     training_levers = dataclasses.replace(levers, fuse_qkv=False)  # fused QKV changes the trainable keys
@@ -610,23 +610,23 @@ def build_vaekit_step(vae, disc, perceptual, device, dtype, recipe, levers):
     if levers.channels_last:
         fast.to_channels_last(disc)
         fast.to_channels_last(perceptual)
-    loss_cfg = vtrain.LossConfig(perceptual_weight=recipe.perceptual_weight, kl_weight=recipe.kl_weight)
-    disc_cfg = vtrain.DiscConfig(weight=recipe.disc_weight, max_adaptive_weight=recipe.max_adaptive_weight,
+    loss_cfg = train_config.LossConfig(perceptual_weight=recipe.perceptual_weight, kl_weight=recipe.kl_weight)
+    disc_cfg = train_config.DiscConfig(weight=recipe.disc_weight, max_adaptive_weight=recipe.max_adaptive_weight,
                                  lr=recipe.lr, betas=list(recipe.betas))
-    optim_cfg = vtrain.OptimConfig(lr=recipe.lr, betas=list(recipe.betas))
-    model = vtrain.AutoencoderForTraining(vae, freeze_encoder=False, sample_posterior=True)
+    optim_cfg = train_config.OptimConfig(lr=recipe.lr, betas=list(recipe.betas))
+    model = steps.AutoencoderForTraining(vae, freeze_encoder=False, sample_posterior=True)
     trainable = [p for p in vae.parameters() if p.requires_grad]
     opt_g = torch.optim.AdamW(trainable, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=disc_cfg.lr, betas=tuple(disc_cfg.betas))
     model, disc_ddp, opt_g, opt_d = accelerator.prepare(model, disc, opt_g, opt_d)
-    perceptual_loss = vtrain.losses.PerceptualLoss(model=perceptual)
+    perceptual_loss = losses.PerceptualLoss(model=perceptual)
     last_layer = vae.decoder.conv_out.weight
 
     def step(x, seed):
         model.train()
         disc_ddp.train()
         generator = torch.Generator().manual_seed(seed)
-        recon, logs = vtrain.generator_step(
+        recon, logs = steps.generator_step(
             accelerator, model, x, loss_cfg=loss_cfg, disc_cfg=disc_cfg, kl_weight=recipe.kl_weight,
             perceptual=perceptual_loss, disc=accelerator.unwrap_model(disc_ddp), last_layer=last_layer,
             generator=generator)
@@ -635,7 +635,7 @@ def build_vaekit_step(vae, disc, perceptual, device, dtype, recipe, levers):
         if math.isfinite(float(grad_norm)):
             opt_g.step()
         opt_g.zero_grad(set_to_none=True)
-        logs = vtrain.discriminator_step(accelerator, disc_ddp, x, recon, disc_cfg=disc_cfg)
+        logs = steps.discriminator_step(accelerator, disc_ddp, x, recon, disc_cfg=disc_cfg)
         values.update({k: v.float().item() for k, v in logs.items()})
         d_norm = accelerator.clip_grad_norm_(disc_ddp.parameters(), disc_cfg.grad_clip or float("inf"))
         if math.isfinite(float(d_norm)):
@@ -887,7 +887,7 @@ def render_report(rows, args, info, peak):
     targets = target_lines(rows, args)
     parts = ["## Environment", "", *head, "", "## Results", "", render_table(rows, peak), "", "## Notes", "", *notes]
     if targets:
-        parts += ["", "## Targets (issue 7: sd preset, bf16, H100/H200)", "", *targets]
+        parts += ["", "## Targets (sd preset, bf16, H100/H200)", "", *targets]
     return "\n".join(parts) + "\n"
 
 

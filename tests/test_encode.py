@@ -17,7 +17,8 @@ from PIL import Image
 from imagegen import BAD_REASONS, make_photo, write_bad_images, write_odd_images, write_photos
 from vaekit import cli
 from vaekit.data import nearest_bucket
-from vaekit.latents import LatentDataset, current_entries, load_latents, read_manifests
+from vaekit.cache.dataset import LatentDataset, load_latents
+from vaekit.cache.format import current_entries, read_manifests
 
 torch.set_num_threads(1)
 
@@ -104,7 +105,7 @@ def assert_shards_whole(out):
 
 
 # ----------------------------------------------------------------------------------------------
-# Acceptance 1: bad inputs
+# Bad inputs
 
 
 def test_bad_and_odd_images_each_encoded_or_listed_with_reason(tmp_path, vae_dir):
@@ -136,22 +137,22 @@ def test_bad_and_odd_images_each_encoded_or_listed_with_reason(tmp_path, vae_dir
 
 
 def test_non_finite_latent_is_reported_and_not_written(tmp_path, vae_dir, monkeypatch):
-    from vaekit import encode as encode_module
+    from vaekit.codec import inference
 
     data = tmp_path / "images"
     names = write_photos(data, 6)
-    real = encode_module.encode_pixels
+    real = inference.encode
     calls = []
 
     def poisoned(vae, x, tile="off"):
-        mean, logvar = real(vae, x, tile)
+        mean, logvar = real(vae, x, tile=tile)
         if not calls:  # first batch: rows 0-2 plain, 3-5 mirrored; poison the mirror of image 1
             mean = mean.clone()
             mean[4, 0, 0, 0] = float("nan")
         calls.append(len(x))
         return mean, logvar
 
-    monkeypatch.setattr(encode_module, "encode_pixels", poisoned)
+    monkeypatch.setattr(inference, "encode", poisoned)
     out = tmp_path / "cache"
     assert encode(vae_dir, data, out, "--flip", "--batch_size", 3, "--num_workers", 0) == 0
 
@@ -161,14 +162,14 @@ def test_non_finite_latent_is_reported_and_not_written(tmp_path, vae_dir, monkey
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert errors == [{"key": names[1], "path": str((data / names[1]).resolve()), "reason": "non-finite latent",
                        "detail": None}]
-    monkeypatch.setattr(encode_module, "encode_pixels", real)
+    monkeypatch.setattr(inference, "encode", real)
     assert encode(vae_dir, data, out, "--flip", "--batch_size", 3, "--num_workers", 0) == 0
     assert (names[1], False) in manifest_keys(out) and (names[1], True) in manifest_keys(out), "retried next run"
     assert len(manifest_keys(out)) == 12
 
 
 # ----------------------------------------------------------------------------------------------
-# Acceptance 2: kill -9 and resume
+# kill -9 and resume
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, vae_dir):
@@ -233,7 +234,7 @@ def test_recovery_removes_orphans_torn_lines_and_incomplete_shards(tmp_path, vae
 
 
 # ----------------------------------------------------------------------------------------------
-# Acceptance 3: two processes
+# Two processes
 
 
 def test_two_cpu_processes_match_one(tmp_path, vae_dir):
@@ -259,7 +260,7 @@ def test_two_cpu_processes_match_one(tmp_path, vae_dir):
 
 
 # ----------------------------------------------------------------------------------------------
-# Acceptance 4: the cache key
+# The cache key
 
 
 def test_changed_vae_or_size_policy_is_a_different_cache(tmp_path, vae_dir, other_vae_dir, capsys):
@@ -393,7 +394,7 @@ def test_webdataset_shards_encode_with_their_keys(tmp_path, vae_dir):
 
 
 def test_tiled_encoding_is_part_of_the_key(tmp_path, vae_dir, capsys, monkeypatch):
-    from vaekit import tiling
+    from vaekit.codec import tiling
 
     data = tmp_path / "images"
     write_photos(data, 2, size=(192, 192))
@@ -438,14 +439,14 @@ def test_yaml_config_with_flag_overrides(tmp_path, vae_dir, capsys):
 
 
 def test_auto_precision_is_bf16_only_where_the_hardware_has_it(tmp_path, vae_dir, monkeypatch):
-    from vaekit import encode as encode_module
+    from vaekit import device
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(encode_module, "cpu_has_native_bf16", lambda: False)
-    assert encode_module.resolve_compute_dtype("auto", cpu) == torch.float32
-    monkeypatch.setattr(encode_module, "cpu_has_native_bf16", lambda: True)
-    assert encode_module.resolve_compute_dtype("auto", cpu) == torch.bfloat16
-    assert encode_module.resolve_compute_dtype("fp32", cpu) == torch.float32
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    assert device.resolve_compute_dtype("auto", cpu) == torch.float32
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    assert device.resolve_compute_dtype("auto", cpu) == torch.bfloat16
+    assert device.resolve_compute_dtype("fp32", cpu) == torch.float32
 
     # bf16 compute (what auto picks on such a CPU) stays near fp32: about bf16's 8 bits of mantissa.
     data = tmp_path / "images"

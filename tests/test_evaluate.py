@@ -1,4 +1,4 @@
-"""Issue 5: metrics against reference implementations, known distortions, rFID, the evaluate command and its report."""
+"""Metrics against reference implementations, known distortions, rFID, the evaluate command and its report."""
 
 import csv
 import io
@@ -16,7 +16,8 @@ import torch
 from PIL import Image, ImageFilter
 
 from imagegen import make_photo, write_bad_images, write_photos
-from vaekit import evaluate, metrics
+from vaekit.codec import inference
+from vaekit.eval import evaluate, metrics
 from vaekit.cli import main
 from vaekit.data import open_source, resize_center_crop, to_tensor
 from vaekit.model import build_preset, save_diffusers
@@ -293,9 +294,9 @@ def test_full_resolution_pads_to_the_factor_and_crops_back(tiny_vae_dir):
     vae = load_vae(str(tiny_vae_dir))
     x = to_tensor(make_photo(45, 37, seed=1))[None]  # neither side a multiple of 8
     with torch.no_grad():
-        y = evaluate.encode_decode(vae, x)
-        sampled = evaluate.encode_decode(vae, x, sample=True, seeds=[7])
-        again = evaluate.encode_decode(vae, x, sample=True, seeds=[7])
+        y = inference.encode_decode(vae, x)
+        sampled = inference.encode_decode(vae, x, sample=True, seeds=[7])
+        again = inference.encode_decode(vae, x, sample=True, seeds=[7])
     assert y.shape == x.shape
     assert not torch.equal(sampled, y) and torch.equal(sampled, again)  # seeded per image
 

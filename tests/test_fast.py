@@ -1,4 +1,4 @@
-"""Speed levers (vaekit.fast) keep the model's numbers, and the benchmark script runs end to end on CPU."""
+"""Speed levers (vaekit.codec.levers) keep the model's numbers, and the benchmark script runs end to end on CPU."""
 
 import copy
 import importlib.util
@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from diffusers.models.upsampling import Upsample2D
 
-from vaekit import fast
+from vaekit.codec import levers as fast
 from vaekit.errors import VaekitError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,7 +221,7 @@ needs_triton = pytest.mark.skipif(fast.triton is None, reason="triton is not ins
 
 INTERPRETER_CHECK = textwrap.dedent("""
     import json, torch, torch.nn.functional as F
-    from vaekit.fast import group_norm_act
+    from vaekit.codec.levers import group_norm_act
     torch.manual_seed(0)
     cases = [((2, 32, 6, 5), 8, False, "fp32"), ((2, 32, 6, 5), 8, True, "fp32"), ((1, 16, 3, 3), 16, True, "fp32"),
              ((2, 64, 4, 4), 8, True, "bf16")]

@@ -1,4 +1,4 @@
-"""Issue 5: latent diagnostics (KL, active units, collapse, normalisation), sampling and interpolation."""
+"""Latent diagnostics (KL, active units, collapse, normalisation), sampling and interpolation."""
 
 import json
 import math
@@ -8,9 +8,11 @@ import torch
 from PIL import Image
 
 from imagegen import make_photo, write_photos
-from vaekit import diagnose
+from vaekit.codec import inference
+from vaekit.eval import diagnostics, sampling
+from vaekit.train.losses import kl_divergence
 from vaekit.cli import main
-from vaekit.latents import suggest_normalization
+from vaekit.cache.stats import suggest_normalization
 from vaekit.model import build_preset, save_diffusers
 
 
@@ -47,7 +49,7 @@ def test_closed_form_kl_matches_monte_carlo():
     generator = torch.Generator().manual_seed(0)
     mean = torch.randn(2, 3, 4, 4, generator=generator, dtype=torch.float64) * 1.5
     logvar = torch.randn(2, 3, 4, 4, generator=generator, dtype=torch.float64) - 0.5
-    closed = diagnose.kl_to_standard_normal(mean, logvar)
+    closed = kl_divergence(mean, logvar)
 
     # KL(q || p) = E_q[log q(z) - log p(z)], estimated with samples, log densities from torch.distributions.
     q = torch.distributions.Normal(mean, (0.5 * logvar).exp())
@@ -57,7 +59,7 @@ def test_closed_form_kl_matches_monte_carlo():
     torch.testing.assert_close(estimate, closed, rtol=0.05, atol=0.03)
 
     # Per channel, the diagnostics average the closed form over images and positions.
-    stats = diagnose.LatentStatistics(keep_per_image=4)
+    stats = diagnostics.LatentStatistics(keep_per_image=4)
     stats.update(mean, logvar, generator)
     per_channel = torch.tensor([c["kl"] for c in stats.result()["channels"]], dtype=torch.float64)
     torch.testing.assert_close(per_channel, estimate.mean(dim=(0, 2, 3)), rtol=0.02, atol=0.01)
@@ -70,7 +72,7 @@ def test_activity_is_variance_across_images_not_across_positions():
     mean[:, 0] = torch.randn(images, 1, 1, generator=generator, dtype=torch.float64) * 0.5  # varies with x: var 0.25
     mean[:, 1] = torch.arange(height * width, dtype=torch.float64).view(height, width)  # varies only with position
     mean[:, 2] = 0.05 * torch.randn(images, height, width, generator=generator, dtype=torch.float64)  # var 0.0025
-    stats = diagnose.LatentStatistics(keep_per_image=4)
+    stats = diagnostics.LatentStatistics(keep_per_image=4)
     for chunk, logvar in zip(mean.split(7), torch.zeros_like(mean).split(7)):  # uneven batches: Chan's merge
         stats.update(chunk, logvar, generator)
     channels = stats.result()["channels"]
@@ -102,17 +104,17 @@ def test_a_vae_whose_encoder_ignores_its_input_is_reported_as_collapsed(tiny_dir
 
 def test_near_zero_kl_is_named_collapse():
     generator = torch.Generator().manual_seed(0)
-    stats = diagnose.LatentStatistics(keep_per_image=4)
+    stats = diagnostics.LatentStatistics(keep_per_image=4)
     for _ in range(3):
         # Posterior = prior: informative-looking means would still be "active", but carry no KL.
         stats.update(torch.randn(4, 2, 2, 2, generator=generator) * 1e-3, torch.zeros(4, 2, 2, 2), generator)
-    notes = diagnose.collapse_warnings(stats.result())
+    notes = diagnostics.collapse_warnings(stats.result())
     assert any("KL to N(0, I) is near zero" in n for n in notes)
 
 
 def test_suggested_normalisation_standardises_the_latents():
     generator = torch.Generator().manual_seed(0)
-    stats = diagnose.LatentStatistics(keep_per_image=64)
+    stats = diagnostics.LatentStatistics(keep_per_image=64)
     for _ in range(10):
         mean = 3.0 + 2.0 * torch.randn(8, 4, 4, 4, generator=generator)
         stats.update(mean, torch.full_like(mean, math.log(0.25)), generator)  # posterior std 0.5
@@ -133,26 +135,25 @@ def test_slerp_keeps_endpoints_and_norm():
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(2, 4, 8, 8, generator=generator)
     b = torch.randn(2, 4, 8, 8, generator=generator)
-    torch.testing.assert_close(diagnose.slerp(a, b, 0.0), a)
-    torch.testing.assert_close(diagnose.slerp(a, b, 1.0), b)
-    middle = diagnose.slerp(a, b, 0.5)
+    torch.testing.assert_close(sampling.slerp(a, b, 0.0), a)
+    torch.testing.assert_close(sampling.slerp(a, b, 1.0), b)
+    middle = sampling.slerp(a, b, 0.5)
     # Between two nearly orthogonal vectors of norm about r, slerp stays near r; lerp drops to about r / sqrt(2).
     ratio = middle.flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1)
-    lerp_ratio = diagnose.lerp(a, b, 0.5).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1)
+    lerp_ratio = sampling.lerp(a, b, 0.5).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1)
     assert bool(((ratio - 1).abs() < 0.15).all()) and bool((lerp_ratio < 0.85).all())
-    torch.testing.assert_close(diagnose.slerp(a, a, 0.3), a)  # parallel: no division by zero
+    torch.testing.assert_close(sampling.slerp(a, a, 0.3), a)  # parallel: no division by zero
 
 
 def test_sample_decodes_prior_noise_through_the_normalisation(tiny_dirs, tmp_path):
     from vaekit.model import load_vae
-    from vaekit import tiling
 
     tiny, _ = tiny_dirs
     vae = load_vae(str(tiny), {"scaling_factor": 0.5, "shift_factor": 0.25})
-    images = diagnose.sample_images(vae, 3, 32, seed=5, batch_size=2)
+    images = sampling.sample_images(vae, 3, 32, seed=5, batch_size=2)
     noise = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        expected = tiling.decode(vae, noise / 0.5 + 0.25).clamp(-1, 1)
+        expected = inference.decode(vae, noise / 0.5 + 0.25).clamp(-1, 1)
     torch.testing.assert_close(images, expected)
 
     out = tmp_path / "grid.png"
@@ -172,10 +173,10 @@ def test_interpolate_starts_at_a_and_ends_at_b(tiny_dirs, tmp_path):
     vae = load_vae(str(tiny))
     a, b = to_tensor(make_photo(32, 32, seed=1))[None], to_tensor(make_photo(32, 32, seed=2))[None]
     for spherical in (False, True):
-        frames = diagnose.interpolate_images(vae, a, b, 5, spherical=spherical)
+        frames = sampling.interpolate_images(vae, a, b, 5, spherical=spherical)
         assert frames.shape == (5, 3, 32, 32)
         with torch.no_grad():
-            ends = diagnose.decode_latents(vae, diagnose.posterior_moments(vae, torch.cat([a, b]))[0])
+            ends = inference.decode(vae, inference.encode(vae, torch.cat([a, b]))[0]).clamp(-1, 1)
         torch.testing.assert_close(frames[[0, -1]], ends, atol=1e-5, rtol=0)
         assert not torch.allclose(frames[2], frames[0])
 

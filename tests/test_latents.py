@@ -8,8 +8,8 @@ import torch
 
 from imagegen import make_photo, write_photos
 from vaekit import cli
-from vaekit.latents import (BucketBatchSampler, LatentDataset, LatentMoments, collate_latents, decode_samples,
-                            latent_statistics, load_latents, suggest_normalization)
+from vaekit.cache.dataset import BucketBatchSampler, LatentDataset, collate_latents, decode_samples, load_latents
+from vaekit.cache.stats import LatentMoments, latent_statistics, suggest_normalization
 
 torch.set_num_threads(1)
 SCALE, SHIFT = 0.5, 0.1
@@ -54,7 +54,7 @@ def preprocessed(path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Acceptance 5: read back = the VAE's encode; decoded = its reconstruction
+# Read back = the VAE's encode; decoded = its reconstruction
 
 
 def test_read_back_latents_equal_vae_encode_and_decode_to_reconstruction(exact_cache, vae):

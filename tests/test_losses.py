@@ -1,4 +1,4 @@
-"""Unit tests for vaekit.losses and vaekit.discriminator: values, reductions and gradient flow."""
+"""Unit tests for vaekit.train.losses and vaekit.train.discriminator: values, reductions and gradient flow."""
 
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from vaekit import losses
-from vaekit.discriminator import DiscriminatorConfig, PatchDiscriminator
+from vaekit.train import losses
+from vaekit.train.discriminator import DiscriminatorConfig, PatchDiscriminator
 
 torch.set_num_threads(1)
 
@@ -133,7 +133,7 @@ def test_perceptual_loss_has_gradient_and_stays_frozen():
 
 
 def test_perceptual_term_changes_the_decoder_gradient():
-    """The STYLE.md failure: LPIPS under no_grad adds to the loss value but not to the update."""
+    """The community trainer's failure: LPIPS under no_grad adds to the loss value but not to the update."""
     perceptual = losses.PerceptualLoss(model=random_lpips())
     torch.manual_seed(2)
     decoder = nn.Conv2d(3, 3, 3, padding=1)

@@ -1,4 +1,4 @@
-"""Issue 2: presets, diffusers and single-file export, loading, conversion, pipeline fit, CLI errors."""
+"""Presets, diffusers and single-file export, loading, conversion, pipeline fit, CLI errors."""
 
 import json
 import pickle
@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
 from vaekit.cli import main
-from vaekit.convert import save_single_file, to_original
+from vaekit.model.single_file import save_single_file, to_original
 from vaekit.errors import VaekitError
 from vaekit.model import PRESETS, build_preset, describe, fingerprint, load_vae, save_diffusers
 
@@ -138,7 +138,7 @@ def tiny_sd_pipeline(vae):
 
 
 def test_exported_vae_runs_in_a_diffusers_pipeline(tmp_path):
-    from vaekit.pipeline import replace_vae
+    from vaekit.model.pipeline import replace_vae
 
     save_diffusers(build_preset("tiny"), tmp_path / "vae")
     pipe = tiny_sd_pipeline(AutoencoderKL.from_pretrained(tmp_path / "vae"))
@@ -212,7 +212,7 @@ def test_console_script_help_for_every_subcommand():
     script = Path(sys.executable).with_name("vaekit")
     assert script.exists(), "the vaekit console script is not installed (pip install -e .)"
     top = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout
-    from vaekit.cli import build_parser
+    from vaekit.cli.main import build_parser
 
     names = list(build_parser()._subparsers._group_actions[0].choices)
     assert {"info", "export", "convert"} <= set(names)

@@ -1,4 +1,4 @@
-"""Issue 6: exact tiled encode/decode, auto tiling by memory budget, fp32 fallback, reconstruct, inspect --precision."""
+"""Exact tiled encode/decode, auto tiling by memory budget, fp32 fallback, reconstruct, inspect --precision."""
 
 import json
 import os
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from imagegen import make_photo
-from vaekit import tiling
+from vaekit.codec import inference, memory, options, tiling
 from vaekit.cli import main
 from vaekit.errors import VaekitError
 from vaekit.model import build_preset, save_diffusers
@@ -58,14 +58,14 @@ def photo():
 @pytest.mark.parametrize("tile", ["minimum", 128])
 def test_tiled_encode_and_decode_match_untiled_on_odd_sizes(vae, photo, tile):
     tile = tiling.minimum_tile(vae) if tile == "minimum" else tile
-    mean, logvar = tiling.encode(vae, photo)
+    mean, logvar = inference.encode(vae, photo)
     assert mean.shape == (1, 4, 26, 20)  # ceil(203 / 8), ceil(157 / 8)
-    tiled_mean, tiled_logvar = tiling.encode(vae, photo, tile=tile)
+    tiled_mean, tiled_logvar = inference.encode(vae, photo, tile=tile)
     assert (tiled_mean - mean).abs().max() < TOLERANCE and (tiled_logvar - logvar).abs().max() < TOLERANCE
 
-    images = tiling.decode(vae, mean, size=(203, 157))
+    images = inference.decode(vae, mean, size=(203, 157))
     assert images.shape == (1, 3, 203, 157)
-    tiled = tiling.decode(vae, mean, tile=tile, size=(203, 157))
+    tiled = inference.decode(vae, mean, tile=tile, size=(203, 157))
     assert (tiled - images).abs().max() < TOLERANCE
     # The decoder's tiles really were tiles: more than one per axis at the full resolution.
     assert len(tiling.plan_tiles(208, 160, tile, tiling.decoder_stages(vae)[-1].radius * 2, 1)) > 2
@@ -76,9 +76,9 @@ def test_untiled_path_is_diffusers_own_forward(vae, photo):
     with torch.no_grad():
         posterior = vae.encode(x).latent_dist
         expected = vae.decode(posterior.mean).sample
-    mean, logvar = tiling.encode(vae, photo)
+    mean, logvar = inference.encode(vae, photo)
     assert torch.equal(mean, posterior.mean) and torch.equal(logvar, posterior.logvar)
-    assert torch.equal(tiling.decode(vae, mean), expected)
+    assert torch.equal(inference.decode(vae, mean), expected)
 
 
 def test_other_architectures_tile_exactly():
@@ -87,18 +87,18 @@ def test_other_architectures_tile_exactly():
         vae = hand_built(overrides, seed=1)
         x = torch.rand(2, 3, 75, 61, generator=torch.Generator().manual_seed(0)) * 2 - 1
         tile = tiling.minimum_tile(vae)
-        mean, _ = tiling.encode(vae, x)
-        assert (tiling.encode(vae, x, tile=tile)[0] - mean).abs().max() < TOLERANCE
-        untiled = tiling.decode(vae, mean, size=(75, 61))
-        assert (tiling.decode(vae, mean, tile=tile, size=(75, 61)) - untiled).abs().max() < TOLERANCE
+        mean, _ = inference.encode(vae, x)
+        assert (inference.encode(vae, x, tile=tile)[0] - mean).abs().max() < TOLERANCE
+        untiled = inference.decode(vae, mean, size=(75, 61))
+        assert (inference.decode(vae, mean, tile=tile, size=(75, 61)) - untiled).abs().max() < TOLERANCE
 
 
 def test_per_tile_normalisation_is_what_diffusers_tiling_gets_wrong(vae, photo):
     # The same tile size through diffusers' enable_tiling(): each tile normalises on its own and tiles
     # are blended. vaekit's tiles are exact; diffusers' are off by far more than rounding.
-    mean, _ = tiling.encode(vae, photo)
-    untiled = tiling.decode(vae, mean)
-    ours = tiling.decode(vae, mean, tile=128)
+    mean, _ = inference.encode(vae, photo)
+    untiled = inference.decode(vae, mean)
+    ours = inference.decode(vae, mean, tile=128)
     vae.enable_tiling()
     try:
         vae.tile_sample_min_size, vae.tile_latent_min_size = 128, 16
@@ -111,9 +111,9 @@ def test_per_tile_normalisation_is_what_diffusers_tiling_gets_wrong(vae, photo):
 
 
 def test_explicit_small_overlap_is_allowed_and_approximate(vae, photo):
-    mean, _ = tiling.encode(vae, photo)
-    untiled = tiling.decode(vae, mean)
-    rough = tiling.decode(vae, mean, tile=64, overlap=8)  # less context than the receptive field
+    mean, _ = inference.encode(vae, photo)
+    untiled = inference.decode(vae, mean)
+    rough = inference.decode(vae, mean, tile=64, overlap=8)  # less context than the receptive field
     assert rough.shape == untiled.shape and torch.isfinite(rough).all()
     assert (rough - untiled).abs().max() > TOLERANCE
 
@@ -127,14 +127,14 @@ def test_explicit_small_overlap_is_allowed_and_approximate(vae, photo):
 ])
 def test_bad_tile_and_overlap_values_are_clear_errors(vae, photo, tile, overlap, message):
     with pytest.raises(VaekitError, match=message):
-        tiling.encode(vae, photo, tile=tile, overlap=overlap)
+        inference.encode(vae, photo, tile=tile, overlap=overlap)
 
 
 def test_unsupported_block_types_are_refused():
     vae = build_preset("tiny")
     vae.decoder.up_blocks[0].attentions = torch.nn.ModuleList([torch.nn.Identity()])
     with pytest.raises(VaekitError, match="attention in its down/up blocks"):
-        tiling.decode(vae, torch.zeros(1, 4, 8, 8), tile=128)
+        inference.decode(vae, torch.zeros(1, 4, 8, 8), tile=128)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -142,41 +142,41 @@ def test_unsupported_block_types_are_refused():
 
 
 def test_auto_tiles_when_the_budget_is_below_the_untiled_estimate(vae, photo, monkeypatch):
-    mean, _ = tiling.encode(vae, photo)
-    untiled = tiling.decode(vae, mean)
-    need = tiling.estimate_memory(vae, 1, 208, 160, "decode")
-    assert tiling.choose_tile(vae, 1, 208, 160, "decode", budget=2 * need) is None
-    chosen = tiling.choose_tile(vae, 1, 208, 160, "decode", budget=need // 2)
+    mean, _ = inference.encode(vae, photo)
+    untiled = inference.decode(vae, mean)
+    need = memory.estimate_memory(vae, 1, 208, 160, "decode")
+    assert memory.choose_tile(vae, 1, 208, 160, "decode", budget=2 * need) is None
+    chosen = memory.choose_tile(vae, 1, 208, 160, "decode", budget=need // 2)
     assert chosen is not None and chosen % 8 == 0 and chosen >= tiling.minimum_tile(vae)
-    assert tiling.estimate_memory(vae, 1, 208, 160, "decode", tile=chosen) <= need // 2
+    assert memory.estimate_memory(vae, 1, 208, 160, "decode", tile=chosen) <= need // 2
 
     calls = []
     real = tiling.decode_tiled
     monkeypatch.setattr(tiling, "decode_tiled", lambda *a: calls.append(a[2]) or real(*a))
-    assert (tiling.decode(vae, mean, tile="auto", memory_budget=2 * need) - untiled).abs().max() == 0
+    assert (inference.decode(vae, mean, tile="auto", memory_budget=2 * need) - untiled).abs().max() == 0
     assert calls == []  # fits: untiled
-    tiled = tiling.decode(vae, mean, tile="auto", memory_budget=need // 2)
+    tiled = inference.decode(vae, mean, tile="auto", memory_budget=need // 2)
     assert calls == [chosen] and (tiled - untiled).abs().max() < TOLERANCE
 
 
 def test_auto_falls_back_to_tiles_after_out_of_memory(vae, photo, monkeypatch):
-    mean, _ = tiling.encode(vae, photo)
-    expected = tiling.decode(vae, mean)
+    mean, _ = inference.encode(vae, photo)
+    expected = inference.decode(vae, mean)
 
     def out_of_memory(*_):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
 
-    monkeypatch.setattr(tiling, "decode_latents", out_of_memory)
+    monkeypatch.setattr(tiling, "decode_untiled", out_of_memory)
     with pytest.warns(UserWarning, match="ran out of memory; retrying in tiles"):
-        images = tiling.decode(vae, mean, tile="auto", memory_budget="64G")
+        images = inference.decode(vae, mean, tile="auto", memory_budget="64G")
     assert (images - expected).abs().max() < TOLERANCE
 
 
 def test_memory_budget_parsing():
-    assert tiling.parse_bytes("512M") == 512 * 2**20 and tiling.parse_bytes("2.5G") == int(2.5 * 2**30)
-    assert tiling.parse_bytes(1000) == 1000
+    assert options.parse_bytes("512M") == 512 * 2**20 and options.parse_bytes("2.5G") == int(2.5 * 2**30)
+    assert options.parse_bytes(1000) == 1000
     with pytest.raises(VaekitError, match="not a size"):
-        tiling.parse_bytes("lots")
+        options.parse_bytes("lots")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,13 +202,13 @@ def test_fp16_overflow_is_detected_and_redone_in_fp32(photo):
     assert not torch.isfinite(raw).all()  # the construction really overflows
 
     with pytest.warns(UserWarning, match="float16 inference gave non-finite values"):
-        mean, logvar = tiling.encode(vae, photo)
+        mean, logvar = inference.encode(vae, photo)
     with pytest.warns(UserWarning, match="redoing the batch in float32"):
-        images = tiling.decode(vae, mean, tile=128)
-    expected_mean, expected_logvar = tiling.encode(reference, photo)
+        images = inference.decode(vae, mean, tile=128)
+    expected_mean, expected_logvar = inference.encode(reference, photo)
     assert torch.isfinite(mean).all() and torch.isfinite(images).all()
     assert (mean - expected_mean).abs().max() < TOLERANCE and (logvar - expected_logvar).abs().max() < TOLERANCE
-    assert (images - tiling.decode(reference, expected_mean)).abs().max() < TOLERANCE
+    assert (images - inference.decode(reference, expected_mean)).abs().max() < TOLERANCE
     assert next(vae.parameters()).dtype == torch.float16  # the caller's model is left in its dtype
 
 
@@ -216,7 +216,7 @@ def test_finite_half_precision_needs_no_fallback(photo):
     vae = hand_built().to(torch.bfloat16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # any fallback warning fails the test
-        mean, _ = tiling.encode(vae, photo)
+        mean, _ = inference.encode(vae, photo)
     assert mean.dtype == torch.float32 and torch.isfinite(mean).all()
 
 

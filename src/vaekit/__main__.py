@@ -1,0 +1,7 @@
+"""`python -m vaekit`."""
+
+import sys
+
+from vaekit.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,159 @@
+"""`vaekit encode` and `vaekit stats`: building latent caches and measuring latent statistics."""
+
+import json
+from pathlib import Path
+
+from vaekit.cache.config import STORE_MODES, EncodeConfig
+from vaekit.cli.args import add_command, add_config_argument, add_model_arguments, config_from_args, flag
+from vaekit.config import DTYPE_NAMES
+from vaekit.data.config import SMALL_IMAGE_POLICIES, SOURCE_KINDS
+from vaekit.errors import VaekitError
+
+
+def register(subparsers):
+    """Add encode and stats."""
+    d = EncodeConfig()
+    p = add_command(
+        subparsers, "encode", "encode an image data set into a sharded, resumable latent cache",
+        "Encode images to VAE latents for diffusion training (see docs/encoding.md). Re-running the same command "
+        "resumes and encodes only new or changed images; a cache made with another VAE, size policy or dtype is "
+        "refused (or replaced with --overwrite). Runs under accelerate launch and torchrun.",
+    )
+    add_model_arguments(p, name="vae", positional=False, required=False, help_text="the VAE")
+    p.add_argument("--data", help="image folder, Hugging Face data set, WebDataset shards or builtin:photos")
+    p.add_argument("--out", help="cache folder")
+    add_pipeline_arguments(p)
+    p.add_argument("--store", choices=STORE_MODES,
+                   help="mean_logvar (default) keeps the posterior so a trainer can sample; mode keeps the mean")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help=f"storage dtype (default {d.dtype})")
+    p.add_argument("--shard_size", type=int, help=f"samples per shard (default {d.shard_size})")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace a cache whose key differs instead of refusing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_encode)
+
+    p = add_command(
+        subparsers, "stats", "latent mean/std per channel; suggests scaling_factor and shift_factor",
+        "Per-channel and global mean and standard deviation of latents, from a cache made by `vaekit encode` or "
+        "from --vae MODEL --data SRC, and the normalisation they imply (scaling_factor = 1/std, shift_factor = "
+        "mean). --write DIR exports the VAE with it.",
+    )
+    p.add_argument("cache", nargs="?", help="a latent cache folder (or give --data)")
+    add_model_arguments(p, name="vae", positional=False, required=False,
+                        help_text="the VAE (with --data; with a cache, only for --write, default: the cache's)")
+    p.add_argument("--data", help="images to encode on the fly instead of a cache")
+    add_pipeline_arguments(p)
+    p.add_argument("--of", choices=["auto", "posterior", "mean"], default="auto",
+                   help="statistics of posterior samples (auto, when logvar is known) or of the means")
+    p.add_argument("--write", metavar="DIR", help="export the VAE with the suggested normalisation as a diffusers folder")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run_stats)
+
+
+def add_pipeline_arguments(parser):
+    """Data, size-policy and speed options shared by encode and `stats --data`; defaults are EncodeConfig's."""
+    d = EncodeConfig()
+    add = parser.add_argument
+    add_config_argument(parser, "EncodeConfig")
+    add("--source", choices=SOURCE_KINDS, help="kind of --data (default: detect)")
+    add("--split", help="Hugging Face split (default: train, or the only one)")
+    add("--image_column", help="Hugging Face column or WebDataset field with the image")
+    add("--key_column", help="Hugging Face column with unique ids (default: split/index)")
+    add("--limit", type=int, help="only the first N images of the source")
+    add("--resolution", type=int,
+        help=f"square side in pixels; with --buckets the bucket area is resolution^2 (default {d.resolution})")
+    flag(parser, "buckets", "aspect-ratio buckets: each image goes to the bucket nearest its aspect ratio")
+    add("--min_aspect", type=float, help=f"narrowest bucket, W/H (default {d.min_aspect})")
+    add("--max_aspect", type=float, help=f"widest bucket, W/H (default {d.max_aspect})")
+    add("--bucket_step", type=int, help=f"bucket sides are multiples of this (default {d.bucket_step})")
+    add("--small_images", choices=SMALL_IMAGE_POLICIES,
+        help="images smaller than their crop: resize up, skip and list, or pad (default upscale)")
+    add("--min_size", type=int, help="skip and list images whose shorter side is below this (default 0)")
+    add("--max_pixels", type=int, help=f"decompression-bomb limit in pixels (default {d.max_pixels})")
+    add("--background", type=int, nargs=3, metavar=("R", "G", "B"), help="colour behind transparency (default white)")
+    flag(parser, "flip", "also store the latents of the mirrored image")
+    add("--compute_dtype", choices=("auto", *DTYPE_NAMES),
+        help="encoder precision (default auto: bf16 on GPUs and on CPUs with native bf16, AVX512-BF16 or AMX; "
+             "fp16 on GPUs without bf16; fp32 otherwise)")
+    add("--tile", help="tiled encoding for large images: off (default), auto or a tile size in pixels")
+    add("--batch_size", type=int, help=f"images per model step (default {d.batch_size})")
+    add("--num_workers", type=int, help=f"DataLoader processes decoding and resizing (default {d.num_workers})")
+    flag(parser, "channels_last", "channels-last convolutions (default on)")
+    flag(parser, "compile", "torch.compile the encoder (pays off on large data sets)")
+
+
+def run_encode(args):
+    """Encode a data set into a latent cache."""
+    from vaekit.cache.encode import encode_dataset  # torch and diffusers: only once the command runs
+
+    config = config_from_args(EncodeConfig, args)
+    summary = encode_dataset(config, progress=not args.quiet)
+    if summary is None:
+        return 0
+    out = Path(config.out)
+    print(f"encoded {summary['encoded']} images in {summary['seconds']} s "
+          f"({summary['images_per_second']} images/s, {summary['processes']} process(es)); "
+          f"{summary['skipped_unchanged']} already in the cache, {summary['errors']} skipped with errors"
+          + (f" (listed in {out / 'errors.jsonl'})" if summary["errors"] else ""))
+    print(f"cache {out}: {summary['cache_images']} images, {summary['cache_samples']} latents in "
+          f"{summary['shards']} shards")
+    return 0
+
+
+def run_stats(args):
+    """Latent statistics of a cache or of a VAE on images; optionally export the VAE with them."""
+    # torch and diffusers: only once the command runs
+    from vaekit.cache.encode import load_encoder_vae
+    from vaekit.cache.format import read_card
+    from vaekit.cache.stats import cache_statistics, data_statistics, suggest_normalization, write_normalization
+    from vaekit.model.architecture import fingerprint
+    from vaekit.model.normalization import scale_shift
+
+    if bool(args.cache) == bool(args.data):
+        raise VaekitError("Pass either a cache folder (vaekit stats CACHE) or --vae MODEL --data SRC.")
+    vae = None
+    if args.cache:
+        card = read_card(args.cache)
+        stats = cache_statistics(args.cache, args.of)
+        current = (card["key"]["scaling_factor"], card["key"]["shift_factor"] or 0.0)
+        if args.write:
+            if args.vae:
+                vae = load_encoder_vae(config_from_args(EncodeConfig, args))
+            else:  # the VAE the card names, loaded as `vaekit encode` loaded it
+                source = card.get("vae", {})
+                vae = load_encoder_vae(EncodeConfig(vae=source.get("source") or "", override=source.get("override", []),
+                                                    weights=source.get("weights", "ema")))
+            if fingerprint(vae) != card["key"]["vae_fingerprint"]:
+                raise VaekitError(f"This VAE is not the one that encoded {args.cache}; pass that one with --vae.")
+    else:
+        if not args.vae:
+            raise VaekitError("--data needs --vae MODEL: the VAE whose latents to measure.")
+        config = config_from_args(EncodeConfig, args, dtype="fp32")
+        vae = load_encoder_vae(config)
+        current = scale_shift(vae)
+        stats = data_statistics(vae, config, args.of, progress=not args.json)
+    suggestion = suggest_normalization(stats)
+    if args.json:
+        print(json.dumps({"statistics": stats, "suggested": suggestion}, indent=2))
+    else:
+        print(format_statistics(stats, suggestion, current))
+    if args.write:
+        path = write_normalization(vae.float(), suggestion, args.write)
+        if not args.json:
+            print(f"wrote the VAE with this normalisation (and per-channel latents_mean/latents_std) to {path}")
+    return 0
+
+
+def format_statistics(stats, suggestion, current):
+    """The stats table printed by `vaekit stats`."""
+    what = "posterior samples z ~ N(mean, exp(logvar))" if stats["of"] == "posterior" else "posterior means"
+    lines = [f"latent statistics of {what}: {stats['channels']} channels, {stats['count']:,} values per channel",
+             f"{'channel':>8}  {'mean':>10}  {'std':>10}"]
+    for c, (m, s) in enumerate(zip(stats["mean"], stats["std"])):
+        lines.append(f"{c:>8}  {m:>10.5f}  {s:>10.5f}")
+    lines.append(f"{'global':>8}  {stats['global_mean']:>10.5f}  {stats['global_std']:>10.5f}")
+    lines.append(f"suggested: scaling_factor = 1/std = {suggestion['scaling_factor']:.6g}, "
+                 f"shift_factor = mean = {suggestion['shift_factor']:.6g}")
+    if current is not None:
+        lines.append(f"current:   scaling_factor = {current[0]:.6g}, shift_factor = {current[1]:.6g}")
+    return "\n".join(lines)

@@ -1,0 +1,60 @@
+"""The `vaekit` command: one subcommand per job; user errors print one line, no traceback.
+
+Building the parser imports no torch, diffusers or torchmetrics: `vaekit --help`, a subcommand's
+`--help` and argument errors answer at once; the library loads only once a command runs.
+"""
+
+import sys
+import warnings
+
+from vaekit import __version__
+from vaekit.cli import cache, evaluate, images, model, train, weights
+from vaekit.cli.args import Parser
+from vaekit.errors import VaekitError
+
+COMMAND_GROUPS = (model, weights, train, cache, evaluate, images)
+
+
+def build_parser():
+    """The top-level parser with every subcommand registered."""
+    parser = Parser(
+        prog="vaekit",
+        description="Train, fine-tune, export, bulk-encode and evaluate latent-diffusion VAEs (AutoencoderKL).",
+    )
+    parser.add_argument("--version", action="version", version=f"vaekit {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", help="the job to run")
+    for group in COMMAND_GROUPS:
+        group.register(subparsers)
+    return parser
+
+
+def subcommand_parser(parser, argv):
+    """The parser of the subcommand named in `argv` (the deepest one, for `weights fetch`), or `parser`."""
+    current = parser
+    for word in argv:
+        actions = [a for a in current._actions if hasattr(a, "choices") and isinstance(a.choices, dict)]
+        if actions and word in actions[0].choices:
+            current = actions[0].choices[word]
+    return current
+
+
+def main(argv=None):
+    """Console-script entry point."""
+    # A deprecation notice huggingface_hub prints on every diffusers load; it is not the user's concern.
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # reported by the subcommand itself, with its usage and the closest option
+        subcommand_parser(parser, argv).error(f"unrecognized arguments: {' '.join(extras)}")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args) or 0
+    except VaekitError as e:
+        print(f"vaekit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vaekit {args.command}: interrupted", file=sys.stderr)
+        return 130

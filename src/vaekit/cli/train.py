@@ -1,0 +1,28 @@
+"""`vaekit train`: a training run from a YAML config and key=value overrides."""
+
+from vaekit.cli.args import add_command
+
+
+def register(subparsers):
+    """Add train."""
+    p = add_command(
+        subparsers, "train", "train a VAE from scratch or fine-tune its decoder",
+        "Train an AutoencoderKL from a YAML config; key=value arguments override config keys "
+        "(e.g. train.steps=200 data.path=photos/). The resolved config is saved in out_dir.",
+    )
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML config (see configs/train/); defaults apply to keys it leaves out")
+    p.add_argument("--resume", metavar="latest|PATH",
+                   help="continue from the newest checkpoint in out_dir, or from a checkpoint folder")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=200")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args):
+    """Load the config, apply key=value overrides, train."""
+    from vaekit.config import load_config
+    from vaekit.train.config import TrainConfig
+    from vaekit.train.loop import train  # torch, diffusers and accelerate: only once the command runs
+
+    result = train(load_config(TrainConfig, args.config, args.overrides), resume=args.resume)
+    return 0 if result else 1

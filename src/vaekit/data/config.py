@@ -1,0 +1,47 @@
+"""How training images are chosen and cropped (`DataConfig`), and the option values shared by the data modules.
+
+No torch or Pillow here: the command line reads these to build its parser.
+"""
+
+import dataclasses
+import typing
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+# About 134 megapixels (an 11,585 px square, 400 MB as 8-bit RGB). It sits below Pillow's own hard
+# limit (2 x Image.MAX_IMAGE_PIXELS = 179 MP), so by default this check is the one that fires.
+DEFAULT_MAX_PIXELS = 128 * 1024 * 1024
+
+CropMode = typing.Literal["random", "resize_random", "center"]
+SmallImagePolicy = typing.Literal["upscale", "skip", "pad"]
+CROP_MODES = typing.get_args(CropMode)
+SMALL_IMAGE_POLICIES = typing.get_args(SmallImagePolicy)
+SOURCE_KINDS = ("auto", "folder", "hf", "webdataset", "builtin")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where training images come from and how they become crops."""
+
+    path: str = "builtin:photos"  # image folder, HF data set, WebDataset shards or builtin:photos
+    source: typing.Literal[SOURCE_KINDS] = "auto"
+    image_column: str | None = None  # HF column or WebDataset field holding the image; None: detect
+    key_column: str | None = None  # HF column with unique ids for keys; None: "{split}/{index}"
+    split: str | None = None  # HF split; None: train, or the only one
+    size: int = 256  # square crop side in pixels
+    crop: CropMode = "resize_random"
+    flip: bool = True  # random horizontal flips
+    small_images: SmallImagePolicy = "upscale"
+    min_size: int = 16  # images with a shorter side are skipped as junk (icons, tracking pixels)
+    background: list[int] = dataclasses.field(default_factory=lambda: [255, 255, 255])  # behind transparency
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # decompression-bomb limit; None: Pillow's only
+    holdout: float = 0.05  # validation images: a fraction (< 1) or a count (>= 1), chosen by key hash
+    num_workers: int = 2  # DataLoader worker processes
+    seed: int = 0
+
+    def __post_init__(self):
+        if len(self.background) != 3 or not all(0 <= int(c) <= 255 for c in self.background):
+            raise ValueError(f"background must be three values 0-255, got {self.background}")
+        if self.size < 1 or self.min_size < 0 or self.num_workers < 0:
+            raise ValueError("size must be >= 1, min_size and num_workers >= 0")

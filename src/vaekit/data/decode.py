@@ -1,0 +1,171 @@
+"""Robust image decoding: `decode_image(source)` gives an RGB PIL image or raises `ImageError`.
+
+`ImageError.reason` is a short, stable string ("zero-byte file", "truncated image", "not an image",
+"corrupt image", "too many pixels (N > limit)", ...) that runs count and list skipped images by.
+"""
+
+import functools
+import io
+import os
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from vaekit.data.config import DEFAULT_MAX_PIXELS
+from vaekit.errors import VaekitError
+
+
+# Magic numbers of the formats above: a file that starts like one but does not open is corrupt,
+# anything else is not an image at all.
+_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+class ImageError(VaekitError):
+    """An image that cannot be used; `reason` is short and stable enough to count by."""
+
+    def __init__(self, reason, where=None, detail=None):
+        self.reason = reason
+        self.where = where
+        self.detail = detail
+        text = f"{where}: {reason}" if where else reason
+        if detail:
+            text += f" ({detail})"
+        super().__init__(f"{text}. Fix or remove the file; runs skip and list such images.")
+
+    def __reduce__(self):  # keep reason/where/detail when sent between processes
+        return (type(self), (self.reason, self.where, self.detail))
+
+
+def decode_image(source, background=(255, 255, 255), max_pixels=DEFAULT_MAX_PIXELS):
+    """Decode a path, bytes, file object or PIL image to an RGB PIL image, or raise ImageError.
+
+    EXIF orientation is applied; transparency is composited on `background`; animations give their
+    first frame; `max_pixels` (None: no limit of ours) is checked from the header before decoding.
+    """
+    where = str(source) if isinstance(source, (str, os.PathLike)) else None
+    data = b""
+    if not isinstance(source, Image.Image):
+        data = _read_all(source, where)
+        if not data:
+            raise ImageError("zero-byte file", where)
+        _check_webp_length(data, where)
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        _warn_truncated_flag()
+    try:
+        with warnings.catch_warnings():
+            # Our own limit is checked first; Pillow's warning for sizes under its hard limit is noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if isinstance(source, Image.Image):
+                return _finish_image(source, background, max_pixels, where)
+            with Image.open(io.BytesIO(data)) as img:
+                return _finish_image(img, background, max_pixels, where)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        limit = 2 * Image.MAX_IMAGE_PIXELS
+        raise ImageError(f"too many pixels ({pixels.group(1) if pixels else '?'} > {limit})", where,
+                         "Pillow's limit; raise PIL.Image.MAX_IMAGE_PIXELS to allow more") from None
+    except UnidentifiedImageError:
+        reason = "corrupt image" if data.startswith(_SIGNATURES) or data[8:12] == b"WEBP" else "not an image"
+        raise ImageError(reason, where) from None
+    except MemoryError:
+        raise ImageError("too large to decode", where) from None
+    except Exception as e:  # Pillow's plugins raise OSError, SyntaxError, ValueError, struct.error, ...
+        reason = "truncated image" if "truncated" in str(e).lower() or isinstance(e, EOFError) else "corrupt image"
+        raise ImageError(reason, where, f"{type(e).__name__}: {e}") from None
+
+
+def _read_all(source, where):
+    """Bytes of a path, bytes-like or file object; a missing or unreadable file is an ImageError."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            return Path(source).read_bytes()
+        except FileNotFoundError:
+            raise ImageError("file not found", where) from None
+        except OSError as e:
+            raise ImageError("unreadable file", where, f"{type(e).__name__}: {e}") from None
+    if hasattr(source, "read"):
+        return source.read()
+    raise TypeError(f"decode_image takes a path, bytes, a file object or a PIL image, not {type(source).__name__}")
+
+
+def _check_webp_length(data, where):
+    """Pillow reports a cut-off WebP only as 'could not create decoder'; the RIFF header knows its length."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        declared = int.from_bytes(data[4:8], "little") + 8
+        if len(data) < declared:
+            raise ImageError("truncated image", where, f"{len(data)} of {declared} bytes")
+
+
+@functools.cache
+def _warn_truncated_flag():
+    """Warn once: with LOAD_TRUNCATED_IMAGES set elsewhere, Pillow pads cut-off files silently."""
+    warnings.warn(
+        "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by other code in this process): truncated images "
+        "are padded instead of reported. Set it back to False to have them detected and skipped.",
+        stacklevel=3,
+    )
+
+
+def _finish_image(img, background, max_pixels, where):
+    """Size check, decode, EXIF orientation and conversion to RGB of an opened image."""
+    width, height = img.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageError(f"too many pixels ({width * height} > {max_pixels})", where)
+    img.load()  # decode now, so truncation and corruption surface here and not in a later resize
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a malformed EXIF block should not cost the pixels; keep the stored orientation
+        pass
+    try:
+        return _to_rgb(img, background)
+    except ValueError as e:
+        raise ImageError(f"unsupported image mode {img.mode}", where, str(e)) from None
+
+
+def _to_rgb(img, background):
+    """Any Pillow mode to 8-bit RGB: high bit depths rescaled (not clipped), alpha composited on `background`."""
+    mode = img.mode
+    if mode.startswith("I") or mode == "F":
+        img = Image.fromarray(_scale_to_uint8(img), "L")
+        mode = "L"
+    if mode == "RGB":
+        return img.copy()
+    if mode == "La":  # premultiplied grey + alpha: Pillow converts it only to LA
+        img, mode = img.convert("LA"), "LA"
+    if mode == "LAB":  # Pillow's plain convert would read L*a*b* as if it were RGB
+        from PIL import ImageCms
+
+        lab, srgb = ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB")
+        lab_to_srgb = ImageCms.buildTransform(lab, srgb, "LAB", "RGB")
+        return ImageCms.applyTransform(img, lab_to_srgb)
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        rgba = img.convert("RGBA")  # also applies a palette's or a colour key's tRNS transparency
+        out = Image.new("RGB", rgba.size, tuple(int(c) for c in background))
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return img.convert("RGB")  # 1, L, P, CMYK (Pillow undoes Adobe's inverted CMYK JPEGs), YCbCr, ...
+
+
+def _scale_to_uint8(img):
+    """Greyscale of more than 8 bits to uint8 by value scaling; Pillow's own convert('L') clips at 255."""
+    values = np.asarray(img)
+    if img.mode == "F":
+        values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        # Float images are either in [0, 1] (scientific, HDR exports) or in 0-255 (Pillow's own 'F').
+        if values.size and values.max() <= 1.0:
+            values = values * 255.0
+        return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    values = values.astype(np.int64)
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    if img.mode.startswith("I;16") or (low >= 0 and high <= 65535):
+        # 16-bit full scale: 65535 -> 255 and 32768 -> 128, rounding half up in integers.
+        return ((np.clip(values, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+    # 32-bit integers outside the 16-bit range carry no known full scale: stretch min..max to 0..255.
+    return ((values - low) * 255 // max(high - low, 1)).astype(np.uint8)

@@ -1,0 +1,77 @@
+"""The trainer's view of the data: random crops of a Source, seeded per (epoch, index), and the held-out split."""
+
+import torch
+
+from vaekit.data.config import CROP_MODES, DEFAULT_MAX_PIXELS, SMALL_IMAGE_POLICIES
+from vaekit.data.crops import prepare_image, to_tensor
+from vaekit.data.decode import ImageError
+from vaekit.data.sources import open_source, split_holdout
+from vaekit.errors import VaekitError
+from vaekit.seeds import EpochSeeded, numpy_rng
+
+
+class TrainImageDataset(EpochSeeded, torch.utils.data.Dataset):
+    """Crops of a Source as {"pixels": (3, H, W) in [-1, 1], "key"}, or {"error": reason, "key"} for a bad image.
+
+    Randomness (crop offset, flip) comes from numpy's generator seeded with (seed, epoch, index),
+    never from global RNG: item i of epoch e is the same in any worker, with any number of workers,
+    and after a resume. Call `set_epoch` before each epoch (DataLoader workers copy the dataset when
+    an epoch's iterator starts, so do not combine it with persistent_workers=True), or index with
+    (index, epoch) pairs from your sampler.
+    """
+
+    def __init__(self, source, size=256, crop="resize_random", flip=True, small_images="upscale", min_size=16,
+                 background=(255, 255, 255), max_pixels=DEFAULT_MAX_PIXELS, seed=0):
+        if crop not in CROP_MODES:
+            raise VaekitError(f"crop must be one of {', '.join(CROP_MODES)}, got {crop!r}.")
+        if small_images not in SMALL_IMAGE_POLICIES:
+            raise VaekitError(f"small_images must be one of {', '.join(SMALL_IMAGE_POLICIES)}, got {small_images!r}.")
+        self.source = source
+        self.size = size
+        self.crop = crop
+        self.flip = flip
+        self.small_images = small_images
+        self.min_size = min_size
+        self.background = tuple(int(c) for c in background)
+        self.max_pixels = max_pixels
+        self.seed = seed
+
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        index, epoch = self.index_and_epoch(index)
+        record = self.source[index]
+        rng = numpy_rng(self.seed, epoch, index)
+        try:
+            img = record.decode(background=self.background, max_pixels=self.max_pixels)
+            img, _ = prepare_image(img, self.size, self.crop, rng, self.small_images, self.min_size, self.background)
+        except ImageError as e:
+            return {"error": e.reason, "key": record.key}
+        pixels = to_tensor(img)
+        if self.flip and rng.random() < 0.5:
+            pixels = pixels.flip(-1)  # (3, H, W), mirrored left-right
+        return {"pixels": pixels, "key": record.key}
+
+
+def collate_images(batch):
+    """Stack the good items -> {"pixels": (B, 3, H, W), "keys": [...], "errors": [{"key", "error"}]}.
+
+    B may be smaller than the batch (even 0) when some images were bad.
+    """
+    good = [item for item in batch if "pixels" in item]
+    errors = [{"key": item["key"], "error": item["error"]} for item in batch if "pixels" not in item]
+    pixels = torch.stack([item["pixels"] for item in good]) if good else torch.empty(0, 3, 0, 0)
+    return {"pixels": pixels, "keys": [item["key"] for item in good], "errors": errors}
+
+
+def build_train_val(config):
+    """(train dataset, held-out dataset or None) from a DataConfig; held-out crops are centred, unflipped."""
+    source = open_source(config.path, config.source, config.split, config.image_column, config.key_column)
+    train_source, val_source = split_holdout(source, config.holdout, config.seed)
+    common = dict(size=config.size, small_images=config.small_images, min_size=config.min_size,
+                  background=config.background, max_pixels=config.max_pixels, seed=config.seed)
+    train = TrainImageDataset(train_source, crop=config.crop, flip=config.flip, **common)
+    val = TrainImageDataset(val_source, crop="center", flip=False, **common) if len(val_source) else None
+    return train, val

@@ -1,0 +1,73 @@
+"""What `vaekit evaluate` and `vaekit inspect` read: one dataclass per job (no torch)."""
+
+import dataclasses
+import typing
+
+from vaekit.codec.options import parse_tile
+
+IDENTITY = "identity"  # a pseudo-model whose reconstruction is its input: the pipeline's upper bound
+
+
+@dataclasses.dataclass
+class EvaluateConfig:
+    """One evaluation run: which models, which images, which protocol."""
+
+    vae: list[str] = dataclasses.field(default_factory=list)  # model arguments, or `identity`
+    label: list[str] = dataclasses.field(default_factory=list)  # display names, one per vae (default: the spec)
+    data: str = ""  # image folder, HF data set, WebDataset shards or builtin:photos
+    out: str = ""  # output folder
+    limit: int | None = None  # first N images of the source
+    resolution: int | typing.Literal["full"] = 256  # short side + centre crop, or whole images
+    batch_size: int = 4
+    sample: bool = False  # decode a posterior sample instead of the posterior mean
+    seed: int = 0  # for posterior samples
+    dtype: typing.Literal["fp32", "fp16", "bf16"] = "fp32"
+    tile: str = "off"  # off, auto (tile what would not fit in memory) or a tile size in px (exact: vaekit.codec.tiling)
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    lpips: bool = True  # LPIPS-VGG and LPIPS-Alex (needs pretrained weights: vaekit weights fetch)
+    rfid: bool = True  # needs the FID Inception (vaekit weights fetch inception)
+    worst: int = 4  # images shown in the comparison, those with the largest LPIPS (or lowest PSNR)
+    crop: int = 96  # side of the comparison crops, in image pixels
+    psnr_cap: float = 100.0  # dB; identical images have infinite PSNR
+    override: list[str] = dataclasses.field(default_factory=list)  # key=value for every model's config
+    weights: typing.Literal["ema", "raw"] = "ema"  # for training checkpoints
+
+    def __post_init__(self):
+        if not self.vae:
+            raise ValueError("name at least one model with --vae MODEL (or `identity`)")
+        if not self.data:
+            raise ValueError("name the images with --data SRC")
+        if not self.out:
+            raise ValueError("name the output folder with --out DIR")
+        if self.label and len(self.label) != len(self.vae):
+            raise ValueError(f"{len(self.label)} --label values for {len(self.vae)} --vae models; give one per model")
+        if self.resolution != "full" and self.resolution < 8:
+            raise ValueError(f"resolution must be at least 8 px or 'full', got {self.resolution}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be at least 1, got {self.limit}")
+        parse_tile(self.tile)
+        if self.batch_size < 1 or self.worst < 0 or self.crop < 8:
+            raise ValueError("batch_size must be >= 1, worst >= 0 and crop >= 8")
+
+
+@dataclasses.dataclass
+class InspectConfig:
+    """One `vaekit inspect` run."""
+
+    vae: str = ""
+    data: str = ""
+    out: str | None = None  # folder for inspect.json and histograms.png; None: print only
+    limit: int | None = None  # first N images
+    size: int = 256  # short side + centre crop, so every image gives the same latent grid
+    batch_size: int = 4
+    seed: int = 0  # posterior samples drawn for the histograms
+    device: str = "auto"
+    override: list[str] = dataclasses.field(default_factory=list)
+    weights: typing.Literal["ema", "raw"] = "ema"
+    precision: bool = False  # report per-layer activation ranges against fp16 instead of latent statistics
+
+    def __post_init__(self):
+        if not self.vae or not self.data:
+            raise ValueError("name the model with --vae MODEL and the images with --data SRC")
+        if self.size < 8 or self.batch_size < 1 or (self.limit is not None and self.limit < 2):
+            raise ValueError("size must be >= 8, batch_size >= 1 and limit >= 2")

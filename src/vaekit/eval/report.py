@@ -1,0 +1,388 @@
+"""Pictures and pages for people: the self-contained HTML report, comparison PNG, heat maps, histograms.
+
+Everything is drawn with Pillow (no plotting library): images are embedded in the HTML as base64
+data URIs, so report.html is one file that opens anywhere, offline.
+"""
+
+import base64
+import datetime
+import html
+import io
+import math
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from vaekit import __version__
+from vaekit.io import atomic_path
+
+# Matplotlib's "inferno" colour map sampled at 8 evenly spaced points (perceptually uniform, readable
+# in greyscale); interpolated linearly between them.
+INFERNO = (
+    (0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99),
+    (212, 72, 66), (245, 125, 21), (250, 193, 39), (252, 255, 164),
+)
+
+# Above this many dB an artifact score means a pattern a person can usually see (flagged in tables).
+# A rule of thumb from the scores of synthetic grids at 1-2 levels of amplitude, not a standard.
+ARTIFACT_WARN_DB = 6.0
+
+TILE = 160  # displayed side of a comparison tile in pixels
+
+
+def font(size=14):
+    """Pillow's bundled font at `size`."""
+    return ImageFont.load_default(size=size)
+
+
+def colormap(values):
+    """Values in [0, 1], any shape -> uint8 RGB (..., 3) through INFERNO."""
+    anchors = torch.tensor(INFERNO, dtype=torch.float32)  # (8, 3)
+    position = values.float().clamp(0, 1) * (len(INFERNO) - 1)
+    low = position.floor().long().clamp(max=len(INFERNO) - 2)
+    frac = (position - low)[..., None]
+    rgb = anchors[low] * (1 - frac) + anchors[low + 1] * frac  # (..., 3)
+    return rgb.round().to(torch.uint8)
+
+
+def heatmap(error, vmax):
+    """A (H, W) error map -> RGB PIL image, 0 black and `vmax` or more pale yellow."""
+    return Image.fromarray(colormap(error.cpu() / vmax).numpy())
+
+
+def save_png(img, path):
+    """Write a PIL image as PNG atomically."""
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+    return path
+
+
+def data_uri(img):
+    """A PIL image as a base64 PNG data URI."""
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def upscale(img, side=TILE):
+    """Nearest-neighbour upscale by a whole factor so the longer side is about `side` (pixels stay crisp)."""
+    factor = max(1, round(side / max(img.size)))
+    return img.resize((img.width * factor, img.height * factor), Image.Resampling.NEAREST) if factor > 1 else img
+
+
+def colour_bar(width=160, height=12):
+    """The heat map's colour scale as an image, 0 on the left."""
+    ramp = torch.linspace(0, 1, width)[None, :].expand(height, width)
+    return Image.fromarray(colormap(ramp).numpy())
+
+
+def make_grid_image(images, columns, padding=2, background=(255, 255, 255)):
+    """Equal-sized PIL images in a grid, row by row."""
+    if not images:
+        return Image.new("RGB", (1, 1), background)
+    width, height = images[0].size
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * (width + padding) + padding, rows * (height + padding) + padding), background)
+    for i, img in enumerate(images):
+        row, col = divmod(i, columns)
+        grid.paste(img, (padding + col * (width + padding), padding + row * (height + padding)))
+    return grid
+
+
+# ---------------------------------------------------------------------------------------------------
+# Comparison PNG
+
+
+def comparison_columns(comparisons):
+    """Column titles and the images of each row: original, every reconstruction, every error map."""
+    if not comparisons:
+        return [], []
+    labels = list(comparisons[0]["recons"])
+    titles = ["original", *labels, *(f"error: {label}" for label in labels)]
+    rows = [[c["original"], *c["recons"].values(), *c["errors"].values()] for c in comparisons]
+    return titles, rows
+
+
+def compose_comparison(comparisons, labels=None):
+    """The report's comparison as one PNG: a titled column per image kind, a captioned row per image."""
+    titles, rows = comparison_columns(comparisons)
+    small, regular = font(12), font(14)
+    if not rows:
+        img = Image.new("RGB", (480, 40), "white")
+        ImageDraw.Draw(img).text((8, 12), "no images to compare", fill="black", font=regular)
+        return img
+    rows = [[upscale(tile) for tile in row] for row in rows]
+    tile_w, tile_h = rows[0][0].size
+    pad, header, caption = 6, 34, 20
+    width = pad + len(titles) * (tile_w + pad)
+    height = header + len(rows) * (caption + tile_h + pad) + 24
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for col, title in enumerate(titles):
+        draw.text((pad + col * (tile_w + pad), 10), shorten(title, tile_w, regular, draw), fill="black", font=regular)
+    y = header
+    for comparison, row in zip(comparisons, rows):
+        text = f"{comparison['key']}  crop {tuple(comparison['box'])}  heat map 0-{comparison['scale_levels']:.0f} levels"
+        draw.text((pad, y + 3), shorten(text, width - 2 * pad, small, draw), fill=(60, 60, 60), font=small)
+        y += caption
+        for col, tile in enumerate(row):
+            canvas.paste(tile, (pad + col * (tile_w + pad), y))
+        y += tile_h + pad
+    canvas.paste(colour_bar(), (pad, y + 4))
+    draw.text((pad + 168, y + 2), "error: black 0, yellow = the row's scale", fill="black", font=small)
+    return canvas
+
+
+def shorten(text, width, text_font, draw):
+    """`text` cut with an ellipsis to fit `width` pixels."""
+    if draw.textlength(text, font=text_font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=text_font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+# ---------------------------------------------------------------------------------------------------
+# Histograms (vaekit inspect)
+
+
+def histogram_panels(panels, columns=4, size=(240, 150)):
+    """PNG of histogram panels: each {"title", "counts" (bins,), "edges" (bins + 1,), "pdf": callable or None}.
+
+    Bars show the fraction of values per bin as a density; `pdf` (a reference density) is drawn as a line.
+    """
+    width, height = size
+    margin_top, margin_bottom, margin_x = 22, 18, 6
+    images = []
+    for panel in panels:
+        counts = torch.as_tensor(panel["counts"], dtype=torch.float64)
+        edges = torch.as_tensor(panel["edges"], dtype=torch.float64)
+        density = counts / max(float(counts.sum()), 1.0) / (edges[1:] - edges[:-1])  # (bins,)
+        reference = None
+        centres = (edges[:-1] + edges[1:]) / 2
+        if panel.get("pdf") is not None:
+            reference = torch.tensor([panel["pdf"](float(c)) for c in centres], dtype=torch.float64)
+        top = max(float(density.max()), float(reference.max()) if reference is not None else 0.0, 1e-12)
+        img = Image.new("RGB", size, "white")
+        draw = ImageDraw.Draw(img)
+        plot_w, plot_h = width - 2 * margin_x, height - margin_top - margin_bottom
+        bar_w = plot_w / len(density)
+        for i, d in enumerate(density.tolist()):
+            bar_h = plot_h * d / top
+            x0, x1 = margin_x + round(i * bar_w), margin_x + round((i + 1) * bar_w) - 1  # bars touch
+            draw.rectangle([x0, round(margin_top + plot_h - bar_h), max(x0, x1), margin_top + plot_h],
+                           fill=(70, 110, 180))
+        if reference is not None:
+            points = [(margin_x + (i + 0.5) * bar_w, margin_top + plot_h - plot_h * r / top)
+                      for i, r in enumerate(reference.tolist())]
+            draw.line(points, fill=(220, 80, 30), width=2)
+        draw.line([(margin_x, margin_top + plot_h), (width - margin_x, margin_top + plot_h)], fill="black")
+        draw.text((margin_x, 3), panel["title"], fill="black", font=font(12))
+        small = font(10)
+        draw.text((margin_x, height - 15), f"{float(edges[0]):.3g}", fill="black", font=small)
+        if float(edges[0]) < 0 < float(edges[-1]):  # a tick at zero
+            zero = margin_x + plot_w * float(-edges[0] / (edges[-1] - edges[0]))
+            draw.line([(zero, margin_top + plot_h), (zero, margin_top + plot_h + 4)], fill="black")
+            draw.text((zero - 3, height - 15), "0", fill="black", font=small)
+        right = f"{float(edges[-1]):.3g}"
+        draw.text((width - margin_x - draw.textlength(right, font=small), height - 15), right, fill="black", font=small)
+        images.append(img)
+    return make_grid_image(images, min(columns, max(len(images), 1)), padding=4, background=(230, 230, 230))
+
+
+# ---------------------------------------------------------------------------------------------------
+# HTML
+
+
+STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1400px; padding: 0 16px; color: #222; }
+h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 8px 0; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; white-space: nowrap; }
+th { background: #f3f3f3; white-space: normal; vertical-align: bottom; } td.name, th.name { text-align: left; }
+td.best { font-weight: bold; background: #e6f4e6; } td.warn { background: #fbe3d6; }
+.warnings { background: #fff6dd; border: 1px solid #e8cf7a; padding: 8px 12px; }
+dl.protocol dt { font-weight: bold; float: left; clear: left; width: 130px; }
+dl.protocol dd { margin-left: 140px; margin-bottom: 4px; }
+.row { display: flex; flex-wrap: wrap; gap: 8px; margin-bottom: 18px; }
+figure { margin: 0; } figcaption { font-size: 12px; color: #444; max-width: 200px; }
+img.pixel { image-rendering: pixelated; }
+small { color: #666; }
+"""
+
+
+def esc(value):
+    """HTML-escaped text."""
+    return html.escape(str(value))
+
+
+def number(value, digits):
+    """A table cell's text; a dash when missing."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "&ndash;"
+    return f"{value:.{digits}f}"
+
+
+SUMMARY_COLUMNS = (
+    # (key, title, digits, direction: "max" / "min" / None, where the value lives)
+    ("psnr", "PSNR (dB) &uarr;", 2, "max", "mean"),
+    ("ssim", "SSIM &uarr;", 4, "max", "mean"),
+    ("ms_ssim", "MS-SSIM &uarr;", 4, "max", "mean"),
+    ("lpips_vgg", "LPIPS-VGG &darr;", 4, "min", "mean"),
+    ("lpips_alex", "LPIPS-Alex &darr;", 4, "min", "mean"),
+    ("rfid", "rFID &darr;", 2, "min", "model"),
+    ("colour_shift", "colour shift (levels) &darr;", 2, "min", "mean"),
+    ("checkerboard_db", "checkerboard (dB)", 1, None, "mean"),
+    ("grid_db", "grid (dB)", 1, None, "mean"),
+)
+
+
+def column_value(model, key, where):
+    """A summary value of one model."""
+    return model["mean"].get(key) if where == "mean" else model.get(key)
+
+
+def summary_table(models):
+    """The across-models table; the best real model per metric in bold, visible artifacts shaded."""
+    real = [m for m in models if m["architecture"] is not None] or models
+    best = {}
+    for key, _, _, direction, where in SUMMARY_COLUMNS:
+        values = [column_value(m, key, where) for m in real]
+        values = [v for v in values if v is not None]
+        if direction and values and len(real) > 1:
+            best[key] = max(values) if direction == "max" else min(values)
+    head = "".join(f"<th>{title}</th>" for _, title, _, _, _ in SUMMARY_COLUMNS)
+    rows = []
+    for model in models:
+        cells = []
+        for key, _, digits, _, where in SUMMARY_COLUMNS:
+            value = column_value(model, key, where)
+            classes = []
+            if key in best and value is not None and value == best[key] and model in real:
+                classes.append("best")
+            if key.endswith("_db") and value is not None and value > ARTIFACT_WARN_DB:
+                classes.append("warn")
+            text = number(value, digits)
+            if key == "rfid" and value is not None:
+                text += f" <small>(N={model['rfid_images']})</small>"
+            cells.append(f"<td class=\"{' '.join(classes)}\">{text}</td>")
+        flat = model["flat_colour"]
+        cells.append(f"<td>{number(flat['std_levels'], 2)}</td>")
+        seconds = model["seconds_per_image"]
+        cells.append(f"<td>{number(seconds * 1000, 0) if model['architecture'] else '&ndash;'}</td>")
+        rows.append(f"<tr><td class=\"name\">{esc(model['label'])}</td><td>{model['images']}</td>{''.join(cells)}</tr>")
+    return (
+        f"<table id=\"summary\"><thead><tr><th class=\"name\">model</th><th>images</th>{head}"
+        f"<th>flat-colour std (levels) &darr;</th><th>ms / image</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def figure(img, caption, pixel=True):
+    """An <img> with a caption, upscaled for display."""
+    shown = upscale(img)
+    cls = ' class="pixel"' if pixel else ""
+    return (f"<figure><img{cls} src=\"{data_uri(shown)}\" width=\"{shown.width}\" height=\"{shown.height}\" "
+            f"alt=\"{esc(caption)}\"><figcaption>{caption}</figcaption></figure>")
+
+
+def comparison_html(comparisons):
+    """One row of figures per compared image."""
+    if not comparisons:
+        return "<p>No images to compare.</p>"
+    parts = []
+    bar = data_uri(colour_bar())
+    for c in comparisons:
+        height, width = c["size"]
+        parts.append(f"<h3>{esc(c['key'])} <small>crop {tuple(c['box'])} of {width}x{height}</small></h3>")
+        figures = [figure(c["original"], "original")]
+        for label, img in c["recons"].items():
+            s = c["scores"].get(label, {})
+            caption = (f"{esc(label)}<br>PSNR {number(s.get('psnr'), 2)} &middot; "
+                       f"LPIPS {number(s.get('lpips_vgg'), 3)}")
+            figures.append(figure(img, caption))
+        for label, img in c["errors"].items():
+            figures.append(figure(img, f"error {esc(label)}<br>0&ndash;{c['scale_levels']:.0f} levels"))
+        parts.append(f"<div class=\"row\">{''.join(figures)}</div>")
+    parts.append(f"<p><img src=\"{bar}\" width=\"160\" height=\"12\" alt=\"colour scale\"> "
+                 "heat map: mean absolute error over RGB, black 0, pale yellow at the row's scale or more.</p>")
+    return "".join(parts)
+
+
+def flat_colour_html(models, greys):
+    """Per-model flat-colour probe: a table and the mid-grey decode with its deviations magnified."""
+    rows = []
+    for model in models:
+        flat = model["flat_colour"]
+        if not flat.get("per_colour"):
+            continue
+        cells = "".join(
+            f"<td>{number(v['std_levels'], 2)} / {number(v['checkerboard_db'], 1)} / {number(v['grid_db'], 1)}</td>"
+            for v in flat["per_colour"].values()
+        )
+        rows.append(f"<tr><td class=\"name\">{esc(model['label'])}</td>{cells}</tr>")
+    if not rows:
+        return "<p>No models to probe.</p>"
+    names = next(m["flat_colour"]["per_colour"] for m in models if m["flat_colour"].get("per_colour"))
+    head = "".join(f"<th>{esc(n)}</th>" for n in names)
+    figures = []
+    for label, grey in greys.items():
+        # Deviations from the decode's own mean, times 16, around mid-grey: a pattern of 1-2 levels shows.
+        levels = (grey.float().clamp(-1, 1) + 1) * 127.5  # (3, H, W)
+        shown = ((levels - levels.mean(dim=(-2, -1), keepdim=True)) * 16 + 128).clamp(0, 255).round().byte()
+        img = Image.fromarray(shown.permute(1, 2, 0).numpy())  # (H, W, 3)
+        figures.append(figure(img, f"{esc(label)}: grey decode, deviations x16", pixel=True))
+    return (
+        "<p>Each cell: spread of the decode (std, 8-bit levels) / checkerboard dB / grid dB.</p>"
+        f"<table id=\"flat\"><thead><tr><th class=\"name\">model</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        f"<div class=\"row\">{''.join(figures)}</div>"
+    )
+
+
+def render_evaluation(summary, comparisons, greys):
+    """The self-contained report.html of `vaekit evaluate`."""
+    protocol = "".join(f"<dt>{esc(k.replace('_', ' '))}</dt><dd>{esc(v)}</dd>" for k, v in summary["protocol"].items())
+    warnings = summary["warnings"]
+    warning_html = (
+        "<div class=\"warnings\"><b>Warnings</b><ul>" + "".join(f"<li>{esc(w)}</li>" for w in warnings) + "</ul></div>"
+        if warnings else ""
+    )
+    data = summary["data"]
+    skipped = "".join(f"<li>{esc(s['key'])}: {esc(s['reason'])}</li>" for s in data["skipped"])
+    models = "".join(
+        f"<li><b>{esc(m['label'])}</b>: {esc(m['model'])}"
+        + (f" <small>({m['architecture']['downsample_factor']}x, {m['architecture']['latent_channels']} channels, "
+           f"{m['architecture']['parameters']['total']:,} parameters)</small>" if m["architecture"] else
+           " <small>(the input itself: scores of a perfect reconstruction)</small>")
+        + "</li>"
+        for m in summary["models"]
+    )
+    created = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>vaekit evaluation</title>
+<style>{STYLE}</style>
+</head>
+<body>
+<h1>VAE evaluation</h1>
+<p>{data['images']} images from {esc(data['source'])}{f", {len(data['skipped'])} skipped" if data['skipped'] else ""}.
+<small>vaekit {esc(__version__)}, {esc(created)}.</small></p>
+<ul>{models}</ul>
+{warning_html}
+<h2>Summary</h2>
+{summary_table(summary['models'])}
+<p><small>Means over images. Checkerboard and grid: about 0 dB means no periodic pattern in the error;
+shaded above {ARTIFACT_WARN_DB:g} dB. Per-image values: per_image.csv; everything: metrics.json.</small></p>
+<h2>Largest differences</h2>
+<p>The {len(comparisons)} images with the largest mean LPIPS (or lowest PSNR), cropped where the error is largest.</p>
+{comparison_html(comparisons)}
+<h2>Flat colours</h2>
+{flat_colour_html(summary['models'], greys)}
+<h2>Protocol</h2>
+<dl class="protocol">{protocol}</dl>
+{f"<h2>Skipped images</h2><ul>{skipped}</ul>" if skipped else ""}
+</body>
+</html>
+"""

@@ -1,0 +1,31 @@
+"""The model: diffusers' AutoencoderKL built from presets, loaded from any model argument, saved both ways.
+
+- `presets`: the named architectures (sd, sdxl, sd3, flux, f16c32, tiny), plain data;
+- `architecture`: building, checking, copying, describing and fingerprinting an AutoencoderKL;
+- `normalization`: the latent normalisation `(z - shift) * scale` that lives in the model config;
+- `single_file`: the original latent-diffusion key layout, one mapping table used both ways;
+- `load`: `load_vae(spec)` for every model argument, and saving diffusers folders;
+- `pipeline`: plugging a VAE into a diffusers pipeline with the latent-channel check.
+"""
+
+from vaekit.lazy import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "PRESETS": "presets",
+    "build_preset": "architecture",
+    "build_vae": "architecture",
+    "cast_vae": "architecture",
+    "describe": "architecture",
+    "downsample_factor": "architecture",
+    "fingerprint": "architecture",
+    "latent_channels": "architecture",
+    "vae_config": "architecture",
+    "normalize_latents": "normalization",
+    "denormalize_latents": "normalization",
+    "scale_shift": "normalization",
+    "load_single_file": "single_file",
+    "save_single_file": "single_file",
+    "load_vae": "load",
+    "save_diffusers": "load",
+    "replace_vae": "pipeline",
+})

@@ -1,0 +1,183 @@
+"""`load_vae(spec)`: an AutoencoderKL from any model argument, and writing diffusers folders.
+
+A model argument is one of:
+  preset:NAME               a randomly initialised model of a named architecture (vaekit.model.presets)
+  DIR                       a diffusers folder (config.json + diffusion_pytorch_model.safetensors),
+                            a pipeline folder with a vae/ subfolder, or a vaekit training checkpoint
+  FILE                      a single-file checkpoint in the original latent-diffusion layout
+                            (.safetensors, or .ckpt/.pt/.pth read with weights_only=True)
+  OWNER/NAME                a Hugging Face hub id (needs network, or the local hub cache)
+"""
+
+import json
+import re
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from diffusers import AutoencoderKL
+from huggingface_hub import constants
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from vaekit.config import flat_overrides
+from vaekit.errors import VaekitError
+from vaekit.io import atomic_folder
+from vaekit.model.architecture import build_preset, config_keys, cast_vae, copy_vae, load_state_dict_checked, make_config, vae_config
+from vaekit.model.presets import PRESETS
+from vaekit.model.single_file import load_single_file, save_single_file
+from vaekit.train.checkpoint import is_training_checkpoint, load_checkpoint_vae
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise VaekitError(f"Cannot read {path}: {e}. Is it a diffusers config.json?") from None
+
+
+def load_diffusers_folder(folder, overrides=None):
+    """Load a diffusers AutoencoderKL folder with strict key and shape checks."""
+    folder = Path(folder)
+    config = _read_json(folder / "config.json")
+    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise VaekitError(f"{folder} holds a {config['_class_name']}, not an AutoencoderKL.")
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        bins = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
+        if bins:
+            raise VaekitError(f"{folder} holds sharded weights; load it with diffusers and re-save it unsharded.")
+        raise VaekitError(
+            f"{folder} has a config.json but no diffusion_pytorch_model.safetensors. Export the weights as safetensors."
+        )
+    config = make_config({k: v for k, v in config.items() if k in config_keys()}, overrides)
+    vae = AutoencoderKL(**config)
+    try:
+        state_dict = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise VaekitError(f"{weights} is not a readable safetensors file ({e}).") from None
+    return load_state_dict_checked(vae, state_dict, str(weights))
+
+
+# owner/name as the hub spells repository ids; anything else that does not exist is a missing path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_CHECKPOINT_SUFFIX = re.compile(r"\.(safetensors|ckpt|pt|pth|bin|json)$")
+
+
+def _is_hub_id(spec):
+    return bool(_HUB_ID.match(spec)) and not _CHECKPOINT_SUFFIX.search(spec)
+
+
+def hub_reachable(timeout=3.0):
+    """True when the hub's endpoint answers a TCP connection within `timeout` seconds."""
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_from_hub(repo_id, overrides=None):
+    """Load from the local hub cache or the hub, trying the repo root then `vae/`."""
+    # The local cache first; then the network, but only when it answers: the hub client's own
+    # retries take a minute to give up on a machine without network.
+    attempts = [True] + ([False] if hub_reachable() else [])
+    last = None
+    for local_only in attempts:
+        for subfolder in (None, "vae"):
+            try:
+                vae = AutoencoderKL.from_pretrained(repo_id, subfolder=subfolder, local_files_only=local_only)
+                if overrides:
+                    rebuilt = AutoencoderKL(**make_config(vae_config(vae), overrides))
+                    vae = load_state_dict_checked(rebuilt, vae.state_dict(), repo_id)
+                return vae
+            except (OSError, ValueError, EnvironmentError) as e:  # hub and file errors all mean "not here"
+                last = e
+    reason = (
+        "it is not in the local hub cache and there is no network access to the hub"
+        if len(attempts) == 1 else f"loading failed ({str(last)[:200]})"
+    )
+    raise VaekitError(
+        f"Could not load '{repo_id}' from the Hugging Face hub: {reason}. Pass a local path instead: a diffusers "
+        f"folder (config.json + diffusion_pytorch_model.safetensors) or a single-file .safetensors checkpoint."
+    )
+
+
+def load_vae(spec, overrides=None, device=None, dtype=None, weights="ema", seed=None):
+    """Build or load an AutoencoderKL from a model argument (see the module docstring); eval mode.
+
+    `overrides`: AutoencoderKL config fields, a dict or `key=value` strings. `weights`: for a training
+    checkpoint, its EMA or raw weights. `seed`: fixes a preset's random weights (see build_preset).
+    """
+    spec = str(spec)
+    overrides = flat_overrides(overrides) or None
+    if spec.startswith("preset:"):
+        vae = build_preset(spec.split(":", 1)[1], overrides, seed=seed)
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            if (path / "config.json").is_file():
+                vae = load_diffusers_folder(path, overrides)
+            elif (path / "vae" / "config.json").is_file():
+                vae = load_diffusers_folder(path / "vae", overrides)
+            elif is_training_checkpoint(path):
+                vae = load_checkpoint_vae(path, weights=weights, overrides=overrides)
+            else:
+                raise VaekitError(
+                    f"{path} is a folder but not a diffusers VAE (no config.json), a pipeline (no vae/config.json) "
+                    f"or a vaekit training checkpoint (no meta.json)."
+                )
+        elif path.is_file():
+            vae = load_single_file(path, overrides=overrides)
+        elif not _is_hub_id(spec):
+            hint = " Presets are named preset:NAME." if spec in PRESETS else ""
+            raise VaekitError(f"Model not found: {spec}. Pass an existing file or folder, preset:NAME or a hub id.{hint}")
+        else:
+            vae = load_from_hub(spec, overrides)
+    vae.eval()
+    if device is not None or dtype is not None:
+        cast_vae(vae, device=device, dtype=dtype)
+    return vae
+
+
+def save_diffusers(vae, out_dir, dtype=None):
+    """Write a diffusers folder (config.json + diffusion_pytorch_model.safetensors) atomically.
+
+    The folder is written under a temporary name and renamed into place, so an interrupted export
+    never leaves a folder that looks complete; an existing folder is replaced only after success.
+    """
+    with atomic_folder(out_dir) as tmp:
+        model = vae
+        if dtype is not None:
+            model = cast_vae(copy_vae(vae), dtype=dtype)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    return Path(out_dir)
+
+
+def write_model(vae, out, fmt, dtype=None):
+    """Write `vae` as a diffusers folder or one original-layout .safetensors; returns the path."""
+    out = Path(out)
+    if fmt == "diffusers":
+        if out.suffix == ".safetensors":
+            raise VaekitError(f"--out {out} names a file; the diffusers format is a folder. Pass a folder path.")
+        return save_diffusers(vae, out, dtype=dtype)
+    path = out if out.suffix == ".safetensors" else out / "vae.safetensors"
+    return save_single_file(vae, path, dtype=dtype)
+
+
+def source_dtype(spec):
+    """The floating dtype the weights of a file or diffusers folder are stored in (fp32 otherwise)."""
+    path = Path(spec)
+    if path.is_dir() and (path / "diffusion_pytorch_model.safetensors").is_file():
+        path = path / "diffusion_pytorch_model.safetensors"
+    if path.is_file() and path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                tensor = f.get_slice(key)
+                dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(tensor.get_dtype())
+                return dtype or torch.float32
+    return torch.float32

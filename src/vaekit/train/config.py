@@ -1,0 +1,155 @@
+"""Everything `vaekit train` reads (`TrainConfig`), one dataclass per section, and its up-front checks.
+
+No torch here: the command line and config tools load it without the trainer.
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from vaekit.data.config import DataConfig
+from vaekit.errors import VaekitError
+
+
+@dataclass
+class ModelConfig:
+    """What to start from and which part trains."""
+
+    source: str = "preset:tiny"  # preset:NAME, a diffusers folder, a single file or a hub id
+    overrides: dict = field(default_factory=dict)  # AutoencoderKL config fields, e.g. {latent_channels: 16}
+    mode: Literal["scratch", "decoder"] = "scratch"  # decoder: encoder and quant_conv frozen
+    sample_posterior: bool = True  # decode z ~ q(z|x) (latent-diffusion) rather than its mean
+    gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the encoder and decoder
+
+
+@dataclass
+class LossConfig:
+    """Loss terms; see vaekit.train.losses for the reduction convention."""
+
+    reconstruction: Literal["l1", "l2"] = "l1"
+    perceptual_weight: float = 0.0  # LPIPS; latent-diffusion uses 1.0, sd-vae-ft-mse 0.1 with l2
+    perceptual_net: Literal["vgg", "alex"] = "vgg"
+    lpips_path: Optional[str] = None  # LPIPS backbone weights; default: vaekit's cache (`vaekit weights`)
+    # What to do when LPIPS weights are missing and perceptual_weight > 0: stop with a message
+    # saying how to get them, or (demo only) drop the term with a warning.
+    perceptual_if_missing: Literal["error", "skip"] = "error"
+    # latent-diffusion's kl_weight 1e-6 for f8 with 4 channels: 1e-6 * C / (3 * f^2), see vaekit.train.losses.
+    kl_weight: float = 1e-6 * 4 / 192
+    kl_warmup_steps: int = 0  # linear KL annealing from 0
+    free_bits: float = 0.0  # nats per latent element, per channel
+
+
+@dataclass
+class DiscConfig:
+    """PatchGAN discriminator, its loss and its own optimizer; weight 0 switches it off."""
+
+    weight: float = 0.0  # latent-diffusion: disc_weight 0.5
+    start: int = 0  # first step with the adversarial term (latent-diffusion: disc_start 50001)
+    loss: Literal["hinge", "non_saturating"] = "hinge"
+    adaptive: bool = True  # scale by the taming-transformers gradient-norm ratio
+    max_adaptive_weight: float = 1e4
+    r1_weight: float = 0.0  # gamma of the R1 penalty (gamma / 2 * E||grad D(x)||^2)
+    n_layers: int = 3
+    base_channels: int = 64
+    norm: Literal["batch", "group", "none"] = "batch"
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    weight_decay: float = 0.0
+    scheduler: str = "constant"  # any name diffusers.optimization.get_scheduler accepts
+    warmup_steps: int = 0
+    grad_clip: float = 0.0  # 0: no clipping
+
+
+@dataclass
+class OptimConfig:
+    """AdamW for the VAE."""
+
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # latent-diffusion's autoencoder betas
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    scheduler: str = "constant"  # constant, constant_with_warmup, cosine, linear, ... (diffusers)
+    warmup_steps: int = 0
+    grad_clip: float = 1.0  # max global grad norm; 0: no clipping
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the VAE weights (diffusers' EMAModel); exported when on."""
+
+    enabled: bool = False
+    decay: float = 0.999
+    update_after_step: int = 0
+    warmup: bool = False  # EMAModel's use_ema_warmup: decay ramps as 1 - (1 + step / inv_gamma)^-power
+    inv_gamma: float = 1.0
+    power: float = 2 / 3
+
+
+@dataclass
+class RunConfig:
+    """Steps, batch, precision, checkpoints."""
+
+    steps: int = 1000  # optimizer steps, each one global batch
+    batch_size: int = 4  # images per process per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    tf32: bool = True  # TF32 matmuls and convolutions on Ampere and newer GPUs
+    seed: int = 0  # weights, data order and posterior noise (crops and flips use data.seed)
+    checkpoint_every: int = 500
+    keep_last: int = 3  # checkpoints kept; 0 keeps all
+    max_nonfinite_in_row: int = 20  # consecutive skipped steps before the run stops
+
+
+@dataclass
+class ValidationConfig:
+    """Held-out reconstructions: PNG grid and PSNR / SSIM / LPIPS."""
+
+    every: int = 500  # steps; 0: only at the end
+    num_images: int = 8  # held-out images shown and scored during training
+    final_images: int = 256  # held-out images scored at the end (metrics.json)
+    batch_size: int = 4
+    lpips_net: Literal["vgg", "alex"] = "vgg"
+
+
+@dataclass
+class LogConfig:
+    """Console, log file and experiment tracker."""
+
+    every: int = 10  # steps between tracker and log-file lines
+    tracker: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    project: str = "vaekit"
+    progress: bool = True  # tqdm bar on rank 0
+
+
+@dataclass
+class TrainConfig:
+    """Everything `vaekit train` reads; saved resolved as out_dir/config.yaml before the first step."""
+
+    out_dir: str = "runs/vae"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    disc: DiscConfig = field(default_factory=DiscConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train: RunConfig = field(default_factory=RunConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def check_config(config):
+    """Reject values that would only fail later, deep inside the loop."""
+    t = config.train
+    positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
+                "train.checkpoint_every": t.checkpoint_every, "log.every": config.log.every,
+                "validation.batch_size": config.validation.batch_size}
+    for key, value in positive.items():
+        if value < 1:
+            raise VaekitError(f"{key} must be at least 1, got {value}.")
+    for key in ("loss.perceptual_weight", "loss.kl_weight", "loss.free_bits", "disc.weight", "disc.r1_weight"):
+        section, name = key.split(".")
+        if getattr(getattr(config, section), name) < 0:
+            raise VaekitError(f"{key} must not be negative.")
+    for key, betas in (("optim.betas", config.optim.betas), ("disc.betas", config.disc.betas)):
+        if len(betas) != 2:
+            raise VaekitError(f"{key} must be two numbers, like [0.5, 0.9].")

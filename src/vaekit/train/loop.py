@@ -1,0 +1,569 @@
+"""`train(config)`: one training run, from scratch or decoder fine-tuning, plainly or under accelerate/torchrun.
+
+`train` reads top to bottom: start the run, build what it trains, restore a checkpoint, then for
+each step the training step and, when due, validation and a checkpoint; last the export. What the
+run trains with lives in `Parts`, what changes from step to step in `RunState`; `save` and
+`restore` are each other's inverse.
+
+- Trainable weights stay fp32; mixed precision only autocasts the forward.
+- A step is one global batch of `batch_size x processes x grad_accum` images. Which images (and
+  which crops and posterior noise) it uses derives from (seed, epoch, index) and (seed, step, slot),
+  so resuming at step k and training to n gives the weights of an uninterrupted run to n.
+- Skipped (non-finite) steps and stop requests are agreed across processes, so they never diverge.
+"""
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+
+from vaekit.config import save_config, to_dict
+from vaekit.data.training import build_train_val, collate_images
+from vaekit.device import launched_processes, needs_cpu_collectives
+from vaekit.errors import VaekitError
+from vaekit.io import write_json, write_text
+from vaekit.model.architecture import cast_vae, copy_vae, vae_config
+from vaekit.model.load import load_vae, save_diffusers
+from vaekit.seeds import torch_generator
+from vaekit.signals import ignore_stop_signals, stop_on_signals
+from vaekit.train import checkpoint as ckpt
+from vaekit.train import losses
+from vaekit.train.config import check_config
+from vaekit.train.discriminator import DiscriminatorConfig, PatchDiscriminator
+from vaekit.train.sampler import StepBatchSampler
+from vaekit.train.steps import AutoencoderForTraining, discriminator_step, generator_step
+from vaekit.train.tracking import Progress, flat_hparams, make_tracker_kwargs, setup_logging
+from vaekit.train.validation import Validator, build_lpips_metric, format_metrics, take_images
+
+log = logging.getLogger("vaekit.train")
+
+
+@dataclass
+class Parts:
+    """What the run trains with: built by `build_parts`, written by `save`, read back by `restore`."""
+
+    accelerator: Accelerator
+    vae: torch.nn.Module  # the unwrapped AutoencoderKL: fp32 master weights
+    model: torch.nn.Module  # AutoencoderForTraining as Accelerate prepared it (DDP under several processes)
+    trainable: list
+    opt_g: torch.optim.Optimizer
+    sched_g: object
+    disc: torch.nn.Module | None = None  # the prepared PatchGAN, when the adversarial term is on
+    opt_d: torch.optim.Optimizer | None = None
+    sched_d: object = None
+    ema: EMAModel | None = None
+    perceptual: losses.PerceptualLoss | None = None
+
+    @property
+    def last_layer(self):
+        """Where the adaptive adversarial weight compares gradients: the decoder's output convolution."""
+        return self.vae.decoder.conv_out.weight
+
+    def export_state(self):
+        """The weights an export holds: the EMA's when it is on, else the trained ones."""
+        return state_with_ema(self.vae, self.ema) if self.ema is not None else self.vae.state_dict()
+
+
+@dataclass
+class RunState:
+    """What changes from step to step; `save` writes all of it into the checkpoint's meta.json."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    steps_per_epoch: int = 1
+    images_seen: int = 0  # by this process since the start or the resume
+    images_resumed: int = 0  # by all processes before the resume
+    nonfinite_skips: int = 0
+    nonfinite_in_row: int = 0
+    disc_updates: int = 0
+    skipped_images: list = field(default_factory=list)
+    history: list = field(default_factory=list)  # validation results of this session
+
+
+def train(config, resume=None):
+    """Run one training job; returns a dict with the run's output paths and final metrics."""
+    check_config(config)
+    cfg = config
+    accelerator = start_run(cfg)
+    checkpoint = find_checkpoint(resume, cfg.out_dir)
+    if accelerator.is_main_process:
+        save_config(cfg, Path(cfg.out_dir) / "config.yaml")
+    train_ds, val_ds = build_train_val(cfg.data)
+    if len(train_ds) == 0:
+        raise VaekitError(f"No training images found in {cfg.data.path}.")
+    checkpoint = ckpt.load_checkpoint(checkpoint) if checkpoint is not None else None
+    parts = build_parts(cfg, accelerator, checkpoint)
+    state = RunState()
+    if checkpoint is not None:
+        restore(cfg, parts, state, checkpoint, len(train_ds))
+    batches = make_batches(cfg, accelerator, train_ds, state)
+    validator = make_validator(cfg, parts, val_ds) if accelerator.is_main_process else None
+    start_tracking(cfg, accelerator, len(train_ds), validator)
+
+    progress, last_saved = Progress(accelerator, cfg, state.step, accelerator.num_processes), None
+    with stop_on_signals(log) as stop:
+        while state.step < cfg.train.steps:
+            images, logs, finite = train_step(cfg, parts, state, batches)
+            skipped, stopping = agree(accelerator, not finite, stop["signal"] is not None)
+            count_skip(state, skipped)
+            progress.update(state.step, images, logs)
+            maybe_validate(cfg, parts, state, validator, has_holdout=val_ds is not None)
+            if state.nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
+                path = save(cfg, parts, state, len(train_ds), interrupted=True)
+                raise VaekitError(
+                    f"{state.nonfinite_in_row} steps in a row had a non-finite loss or gradient; stopped at step "
+                    f"{state.step} (checkpoint {path}). Lower optim.lr, use train.mixed_precision=bf16 instead of "
+                    f"fp16, or lower the loss weights.")
+            if stopping:
+                path = save(cfg, parts, state, len(train_ds), interrupted=True)
+                progress.close()
+                log.info("Stopped at step %d; checkpoint %s. Continue with --resume latest.", state.step, path)
+                accelerator.end_training()
+                return {"checkpoint": path, "step": state.step, "interrupted": True}
+            if state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.steps:
+                last_saved = save(cfg, parts, state, len(train_ds))
+    progress.close()
+    if last_saved is None and state.step > 0:
+        last_saved = save(cfg, parts, state, len(train_ds))  # resumed at the final step: keep a checkpoint of it
+    return finish(cfg, parts, state, validator, last_saved)
+
+
+# ----------------------------------------------------------------------------------------------
+# Setting up
+
+
+def start_run(cfg):
+    """Accelerate's Accelerator for this run (processes, mixed precision, tracker), logging, TF32 and the seed."""
+    accelerator = Accelerator(
+        cpu=needs_cpu_collectives(),
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=make_tracker_kwargs(cfg.log),
+        project_dir=cfg.out_dir,
+        # Every trainable parameter is used in every forward, so DDP need not search for unused ones.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+    # Gradient accumulation is done by hand (no_sync on all but the last micro-batch) rather than with
+    # accelerator.accumulate: the discriminator's micro-steps run after the VAE's optimizer step, and
+    # Accelerate's single accumulation counter would interleave the two.
+    setup_logging(cfg.out_dir, accelerator.is_main_process)
+    if launched_processes() != accelerator.num_processes:
+        raise VaekitError(f"{launched_processes()} processes were launched but Accelerate runs "
+                          f"{accelerator.num_processes}; check the launcher flags.")
+    if cfg.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        log.warning("train.mixed_precision=fp16 needs a GPU: this CPU run computes in fp32 (bf16 works on a CPU).")
+    if cfg.train.tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    set_seed(cfg.train.seed)  # same seed on every process: identical initial weights and EMA
+    return accelerator
+
+
+def find_checkpoint(resume, out_dir):
+    """The checkpoint folder to resume from, or None to start at step 0 (refusing to mix two runs)."""
+    checkpoint = ckpt.resolve_resume(resume, out_dir)
+    if resume == "latest" and checkpoint is None:
+        log.info("--resume latest: no checkpoint in %s yet, starting from step 0.", out_dir)
+    elif checkpoint is None and ckpt.list_checkpoints(out_dir):
+        # Starting over here would mix two runs' checkpoints (and pruning would delete the new ones).
+        raise VaekitError(f"{out_dir} already holds checkpoints of an earlier run "
+                          f"({ckpt.list_checkpoints(out_dir)[-1].name}). Continue it with --resume latest, or set "
+                          f"out_dir to a new folder (or delete this one).")
+    return checkpoint
+
+
+def build_parts(cfg, accelerator, checkpoint=None):
+    """The VAE (fp32, from the checkpoint's architecture when resuming), discriminator, LPIPS, EMA, optimizers."""
+    device = accelerator.device
+    if checkpoint is not None:
+        vae = ckpt.checkpoint_vae(checkpoint.meta, checkpoint.weights["vae"], checkpoint.path)
+    else:
+        vae = load_vae(cfg.model.source, overrides=cfg.model.overrides)
+    cast_vae(vae, device=device, dtype=torch.float32)  # fp32 master weights, whatever the stored dtype
+    if cfg.model.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    if cfg.model.compile:
+        vae.encoder.compile()  # in place: state-dict keys stay those of AutoencoderKL
+        vae.decoder.compile()
+    model = AutoencoderForTraining(vae, freeze_encoder=cfg.model.mode == "decoder",
+                                   sample_posterior=cfg.model.sample_posterior)
+    disc = None
+    if cfg.disc.weight > 0:
+        disc = PatchDiscriminator(DiscriminatorConfig(n_layers=cfg.disc.n_layers, base_channels=cfg.disc.base_channels,
+                                                      norm=cfg.disc.norm)).to(device)
+    perceptual = build_perceptual(cfg.loss)
+    if perceptual is not None:
+        perceptual.to(device)
+    ema = None
+    if cfg.ema.enabled:
+        ema = EMAModel(vae.parameters(), decay=cfg.ema.decay, update_after_step=cfg.ema.update_after_step,
+                       use_ema_warmup=cfg.ema.warmup, inv_gamma=cfg.ema.inv_gamma, power=cfg.ema.power)
+    trainable = [p for p in vae.parameters() if p.requires_grad]
+    opt_g = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                              weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
+    # Schedulers are stepped once per optimizer step by this loop, not by Accelerate (which would step
+    # them once per process), so their length is in optimizer steps.
+    sched_g = get_scheduler(cfg.optim.scheduler, opt_g, num_warmup_steps=cfg.optim.warmup_steps,
+                            num_training_steps=cfg.train.steps)
+    parts = Parts(accelerator, vae, model, trainable, opt_g, sched_g, ema=ema, perceptual=perceptual)
+    if disc is not None:
+        opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc.lr, betas=tuple(cfg.disc.betas),
+                                  weight_decay=cfg.disc.weight_decay)
+        parts.sched_d = get_scheduler(cfg.disc.scheduler, opt_d, num_warmup_steps=cfg.disc.warmup_steps,
+                                      num_training_steps=max(1, cfg.train.steps - cfg.disc.start))
+        parts.model, parts.disc, parts.opt_g, parts.opt_d = accelerator.prepare(model, disc, opt_g, opt_d)
+    else:
+        parts.model, parts.opt_g = accelerator.prepare(model, opt_g)
+    bad = [n for n, p in vae.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+    if bad:  # trainable weights cast to half precision would lose small updates
+        raise VaekitError(f"Trainable parameter {bad[0]} is {vae.get_parameter(bad[0]).dtype}, not float32.")
+    return parts
+
+
+def build_perceptual(loss_cfg):
+    """The LPIPS training loss, or None when its weight is 0 or (demo only) its weights are missing."""
+    if loss_cfg.perceptual_weight <= 0:
+        return None
+    try:
+        return losses.PerceptualLoss(net=loss_cfg.perceptual_net, path=loss_cfg.lpips_path)
+    except VaekitError as e:
+        if loss_cfg.perceptual_if_missing == "error":
+            raise VaekitError(f"{e} Or train without the perceptual term: loss.perceptual_weight=0.") from None
+        log.warning("LPIPS weights unavailable, training WITHOUT the perceptual term (loss.perceptual_if_missing="
+                    "skip): %s", e)
+        return None
+
+
+def global_batch(cfg, world):
+    """Images per optimizer step over all processes."""
+    return cfg.train.batch_size * cfg.train.grad_accum * world
+
+
+def make_batches(cfg, accelerator, train_ds, state):
+    """An endless iterator of this process's micro-batches, starting at the run's data position."""
+    sampler = StepBatchSampler(len(train_ds), cfg.train.batch_size, cfg.train.grad_accum, accelerator.num_processes,
+                               accelerator.process_index, cfg.train.seed, state.epoch, state.batch_in_epoch)
+    state.steps_per_epoch = sampler.steps_per_epoch
+    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate_images,
+                                         num_workers=cfg.data.num_workers,
+                                         pin_memory=accelerator.device.type == "cuda",
+                                         worker_init_fn=ignore_stop_signals)
+    return iter(loader)
+
+
+def make_validator(cfg, parts, val_ds):
+    """The held-out images and their scorer (main process), or None without held-out images."""
+    if val_ds is None:
+        return None
+    images, errors = take_images(val_ds, max(cfg.validation.num_images, cfg.validation.final_images))
+    for error in errors:
+        log.warning("Held-out image skipped: %s", error)
+    if images is None:
+        return None
+    lpips_net = build_lpips_metric(cfg.validation.lpips_net, cfg.loss.lpips_path, parts.perceptual)
+    if lpips_net is not None:
+        lpips_net.to(parts.accelerator.device)
+    return Validator(images, lpips_net, cfg.validation.batch_size, parts.vae)
+
+
+def start_tracking(cfg, accelerator, train_images, validator):
+    """Open the experiment tracker and log what the run is about to do."""
+    if cfg.log.tracker != "none":
+        accelerator.init_trackers(cfg.log.project, config=flat_hparams(cfg))
+    log.info("Training %s (%s mode) for %d steps: %d images per step = %d per process x %d processes x %d "
+             "accumulation; %d training and %d held-out images; run folder %s",
+             cfg.model.source, cfg.model.mode, cfg.train.steps, global_batch(cfg, accelerator.num_processes),
+             cfg.train.batch_size, accelerator.num_processes, cfg.train.grad_accum, train_images,
+             0 if validator is None else len(validator.images), cfg.out_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# One step
+
+
+def train_step(cfg, parts, state, batches):
+    """One optimizer step of the VAE and, once it is on, of the discriminator; returns (images, logs, finite)."""
+    parts.model.train()
+    if parts.disc is not None:
+        parts.disc.train()
+    disc_active = parts.disc is not None and state.step >= cfg.disc.start
+    kl_weight = losses.kl_weight_at(state.step, cfg.loss.kl_weight, cfg.loss.kl_warmup_steps)
+    kept, images, logs, finite = vae_update(cfg, parts, state, batches, kl_weight, disc_active)
+    if disc_active:
+        finite = disc_update(cfg, parts, state, kept, logs) and finite
+    logs.update(grad_norm=logs.pop("grad_norm"), lr=parts.sched_g.get_last_lr()[0], kl_weight=kl_weight)
+    state.images_seen += images
+    state.step += 1
+    state.batch_in_epoch += 1
+    if state.batch_in_epoch >= state.steps_per_epoch:
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    return images, logs, finite
+
+
+def vae_update(cfg, parts, state, batches, kl_weight, disc_active):
+    """Generator micro-steps over grad_accum micro-batches, then the VAE's optimizer step and EMA.
+
+    Returns ([(x, reconstruction, loss weight)] per micro-batch for the discriminator, images used,
+    logs averaged over the micro-batches, whether the gradient was finite).
+    """
+    accelerator = parts.accelerator
+    world, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.train.grad_accum
+    raw_disc = accelerator.unwrap_model(parts.disc) if disc_active else None
+    kept, images, logs = [], 0, {}
+    for m in range(accum):
+        batch = next(batches)
+        for error in batch["errors"]:
+            text = f"{error['key']}: {error['error']}"
+            log.warning("Skipped an image that cannot be used: %s", text)
+            state.skipped_images.append(text)
+        pixels, weight = batch["pixels"], 1.0
+        if len(pixels) == 0:
+            # Stands in, with loss weight 0, for a micro-batch whose images all failed to decode: every
+            # process must still run a backward, or DDP's gradient all-reduce would wait forever.
+            pixels, weight = torch.zeros(1, 3, cfg.data.size, cfg.data.size), 0.0
+        else:
+            images += len(pixels)
+        x = pixels.to(accelerator.device, non_blocking=True)
+        generator = torch_generator(cfg.train.seed, state.step, m * world + rank)  # posterior noise of this slot
+        with contextlib.nullcontext() if m == accum - 1 else accelerator.no_sync(parts.model):
+            recon, micro_logs = generator_step(
+                accelerator, parts.model, x, loss_cfg=cfg.loss, disc_cfg=cfg.disc, kl_weight=kl_weight,
+                perceptual=parts.perceptual, disc=raw_disc, last_layer=parts.last_layer, generator=generator,
+                scale=weight / accum)
+        kept.append((x, recon, weight))
+        add_logs(logs, micro_logs, accum)
+    # A non-finite gradient norm means a non-finite loss or gradient somewhere (DDP has already averaged
+    # the gradients, so every process sees the same norm).
+    grad_norm = accelerator.clip_grad_norm_(parts.trainable, cfg.optim.grad_clip or float("inf"))
+    finite, updated = optimizer_step(accelerator, parts.opt_g, parts.sched_g, grad_norm)
+    if updated and parts.ema is not None:
+        parts.ema.step(parts.vae.parameters())
+    logs["grad_norm"] = float(grad_norm)
+    return kept, images, logs, finite
+
+
+def disc_update(cfg, parts, state, kept, logs):
+    """Discriminator micro-steps on the real images and the reconstructions just made, then its optimizer step."""
+    accelerator = parts.accelerator
+    for m, (x, recon, weight) in enumerate(kept):
+        with contextlib.nullcontext() if m == len(kept) - 1 else accelerator.no_sync(parts.disc):
+            micro_logs = discriminator_step(accelerator, parts.disc, x, recon, disc_cfg=cfg.disc,
+                                            scale=weight / cfg.train.grad_accum)
+        add_logs(logs, micro_logs, cfg.train.grad_accum)
+    grad_norm = accelerator.clip_grad_norm_(parts.disc.parameters(), cfg.disc.grad_clip or float("inf"))
+    finite, updated = optimizer_step(accelerator, parts.opt_d, parts.sched_d, grad_norm)
+    state.disc_updates += int(updated)
+    return finite
+
+
+def add_logs(total, logs, count):
+    """Add one micro-batch's tensor logs to the running averages in `total`."""
+    for k, v in logs.items():
+        total[k] = total.get(k, 0.0) + v.float().item() / count
+
+
+def optimizer_step(accelerator, optimizer, scheduler, grad_norm):
+    """Step `optimizer` unless its gradient is non-finite, then its schedule; returns (finite, weights changed)."""
+    finite = math.isfinite(float(grad_norm))
+    if finite or accelerator.scaler is not None:
+        optimizer.step()  # with fp16 the GradScaler skips a non-finite step itself and lowers its scale
+    updated = finite and not getattr(optimizer, "step_was_skipped", False)
+    optimizer.zero_grad(set_to_none=True)
+    step_scheduler(scheduler)
+    return finite, updated
+
+
+def step_scheduler(scheduler):
+    """Advance a schedule by one training step, also when that step's update was skipped."""
+    with warnings.catch_warnings():
+        # The schedule follows the step counter, so after a skipped (non-finite) first update this
+        # order is intended; PyTorch would warn that the optimizer has not stepped yet.
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+        scheduler.step()
+
+
+def agree(accelerator, nonfinite, stop_requested):
+    """(skip, stop) as all processes agree on them: true when any process says so."""
+    flags = torch.tensor([float(nonfinite), float(stop_requested)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, "max")
+    return bool(flags[0] > 0), bool(flags[1] > 0)
+
+
+def count_skip(state, skipped):
+    """Count a skipped (non-finite) step, and the streak of them."""
+    if not skipped:
+        state.nonfinite_in_row = 0
+        return
+    state.nonfinite_skips += 1
+    state.nonfinite_in_row += 1
+    log.warning("Step %d: non-finite loss or gradient, update skipped (%d in a row).", state.step,
+                state.nonfinite_in_row)
+
+
+def maybe_validate(cfg, parts, state, validator, has_holdout):
+    """Score the held-out images every validation.every steps (main process; the others wait for it)."""
+    every = cfg.validation.every
+    if not (has_holdout and every and state.step % every == 0 and state.step < cfg.train.steps):
+        return
+    if validator is not None:
+        path = Path(cfg.out_dir) / "samples" / f"step-{state.step:06d}.png"
+        values = validator.run(parts.export_state(), cfg.validation.num_images, path)
+        state.history.append({"step": state.step, **values})
+        parts.accelerator.log({f"val/{k}": v for k, v in values.items() if v is not None}, step=state.step)
+        log.info("step %d  validation  %s", state.step, format_metrics(values))
+    parts.accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save(cfg, parts, state, dataset_size, interrupted=False):
+    """Write this step's checkpoint and prune old ones; the inverse of `restore`. Every process must call it."""
+    accelerator = parts.accelerator
+    images = state.images_resumed + accelerator.reduce(
+        torch.tensor([state.images_seen], device=accelerator.device), "sum").item()
+    fingerprints = gather_object([replica_fingerprint(parts.vae)])
+    skipped = sorted(set(state.skipped_images).union(*gather_object([state.skipped_images])))
+    if len(set(fingerprints)) > 1:
+        raise VaekitError("The processes hold different weights (DDP replicas diverged); this is a bug in vaekit.")
+    path = ckpt.checkpoint_path(cfg.out_dir, state.step)
+    if accelerator.is_main_process:
+        disc = accelerator.unwrap_model(parts.disc) if parts.disc is not None else None
+        weights = {"vae": parts.vae.state_dict(),
+                   "ema": state_with_ema(parts.vae, parts.ema) if parts.ema is not None else None,
+                   "disc": disc.state_dict() if disc is not None else None}
+        optimizers = {"vae": parts.opt_g.state_dict(), "disc": parts.opt_d.state_dict() if parts.opt_d else {}}
+        meta = {
+            "interrupted": interrupted,
+            "config": to_dict(cfg),
+            "vae_config": vae_config(parts.vae),
+            "data": {"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
+                     "global_batch": global_batch(cfg, accelerator.num_processes), "dataset_size": dataset_size,
+                     "processes": accelerator.num_processes},
+            "loop": {"images_seen": int(images), "nonfinite_skips": state.nonfinite_skips,
+                     "nonfinite_in_row": state.nonfinite_in_row, "disc_updates": state.disc_updates},
+            "schedulers": {"vae": parts.sched_g.state_dict(),
+                           "disc": parts.sched_d.state_dict() if parts.sched_d is not None else None},
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "ema": {k: v for k, v in parts.ema.state_dict().items() if k != "shadow_params"} if parts.ema else None,
+            "replica_fingerprints": fingerprints,
+            "skipped_images": skipped,
+        }
+        ckpt.save_checkpoint(cfg.out_dir, state.step, weights, optimizers, ckpt.rng_state(), meta)
+        if skipped:
+            write_text(Path(cfg.out_dir) / "skipped_images.txt", "\n".join(skipped) + "\n")
+        ckpt.prune_checkpoints(cfg.out_dir, cfg.train.keep_last)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def restore(cfg, parts, state, checkpoint, dataset_size):
+    """Load a checkpoint's optimizers, schedules, discriminator, EMA, RNG and position into the run; inverse of `save`.
+
+    The VAE's own weights were loaded by `build_parts`, which builds it from the checkpoint.
+    """
+    meta = checkpoint.meta
+    loop = meta["loop"]
+    state.step = meta["step"]
+    state.images_resumed = loop["images_seen"]
+    state.nonfinite_skips = loop.get("nonfinite_skips", 0)
+    state.nonfinite_in_row = loop.get("nonfinite_in_row", 0)
+    state.disc_updates = loop.get("disc_updates", 0)
+    state.skipped_images = list(meta.get("skipped_images", []))
+    position = meta["data"]
+    if position["global_batch"] == global_batch(cfg, parts.accelerator.num_processes) \
+            and position["dataset_size"] == dataset_size:
+        state.epoch, state.batch_in_epoch = position["epoch"], position["batch_in_epoch"]
+    else:  # the order of a different batch layout would not match; start its next epoch cleanly
+        state.epoch, state.batch_in_epoch = position["epoch"] + 1, 0
+        log.warning("Batch size, process count or data set changed since the checkpoint; continuing from the "
+                    "start of epoch %d.", state.epoch)
+    parts.opt_g.load_state_dict(checkpoint.optimizers["vae"])
+    parts.sched_g.load_state_dict(meta["schedulers"]["vae"])
+    if parts.disc is not None:
+        if checkpoint.weights["disc"] is not None:
+            parts.accelerator.unwrap_model(parts.disc).load_state_dict(checkpoint.weights["disc"])
+            parts.opt_d.load_state_dict(checkpoint.optimizers["disc"])
+            parts.sched_d.load_state_dict(meta["schedulers"]["disc"])
+        else:
+            log.warning("The checkpoint has no discriminator; starting a new one.")
+    if parts.ema is not None:
+        shadow = checkpoint.weights["ema"]
+        if shadow is not None:
+            parts.ema.load_state_dict({**meta["ema"], "shadow_params": [shadow[n] for n, _ in parts.vae.named_parameters()]})
+            parts.ema.to(parts.accelerator.device)
+        else:
+            log.warning("The checkpoint has no EMA; starting the EMA from its raw weights.")
+    if parts.accelerator.scaler is not None and meta.get("scaler"):
+        parts.accelerator.scaler.load_state_dict(meta["scaler"])
+    ckpt.set_rng_state(checkpoint.rng)
+    log.info("Resumed from %s at step %d.", checkpoint.path, state.step)
+
+
+def state_with_ema(vae, ema):
+    """The VAE's state dict with each parameter replaced by its EMA shadow."""
+    state = {k: v.detach().clone() for k, v in vae.state_dict().items()}
+    for (name, _), shadow in zip(vae.named_parameters(), ema.shadow_params):
+        state[name] = shadow.detach().clone()
+    return state
+
+
+def replica_fingerprint(module):
+    """sha256 over this process's parameters; every DDP replica must give the same one."""
+    digest = hashlib.sha256()
+    for name, p in module.named_parameters():
+        digest.update(name.encode())
+        digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Finishing
+
+
+def finish(cfg, parts, state, validator, last_saved):
+    """Export the weights (EMA when on), score all held-out images, and say where everything is."""
+    accelerator, out_dir = parts.accelerator, Path(cfg.out_dir)
+    result = {"checkpoint": last_saved, "step": state.step, "interrupted": False}
+    if accelerator.is_main_process:
+        export = cast_vae(copy_vae(parts.vae), device="cpu")
+        export.load_state_dict(parts.export_state())
+        result["export"] = save_diffusers(export, out_dir / "vae")
+        weights = "ema" if parts.ema is not None else "raw"
+        lines = [f"Finished {state.step} steps. Outputs in {out_dir}:",
+                 f"  diffusers export ({'EMA' if weights == 'ema' else 'trained'} weights)  {result['export']}"]
+        if validator is not None:
+            values = validator.run(parts.export_state(), len(validator.images), out_dir / "reconstructions.png")
+            values.update(step=state.step, weights=weights,
+                          lpips_net=cfg.validation.lpips_net if values["lpips"] is not None else None)
+            write_json(out_dir / "metrics.json", values)
+            if state.history:
+                write_text(out_dir / "validation_history.jsonl", "".join(json.dumps(h) + "\n" for h in state.history))
+            accelerator.log({f"val/{k}": v for k, v in values.items() if isinstance(v, float)}, step=state.step)
+            result.update(metrics=values, grid=out_dir / "reconstructions.png", metrics_file=out_dir / "metrics.json")
+            lines.append(f"  held-out originals | reconstructions  {result['grid']}")
+            lines.append(f"  held-out metrics  {result['metrics_file']}  ({values['images']} images: "
+                         f"{format_metrics(values)})")
+        else:
+            lines.append("  no held-out images (data.holdout=0): no grid or metrics")
+        lines.append(f"  checkpoint  {last_saved}")
+        if state.skipped_images:
+            lines.append(f"  {len(set(state.skipped_images))} unusable images skipped, listed in "
+                         f"{out_dir / 'skipped_images.txt'}")
+        log.info("\n".join(lines))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
