@@ -1,11 +1,78 @@
 """Atomic file and folder writes: a killed process never leaves a half-written output that looks whole."""
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+
+from vaekit.errors import VaekitError
+
+# Write failures a user fixes outside vaekit (space, quota, permissions), and how to say them.
+STORAGE_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "the operation is not permitted",
+    errno.EROFS: "the file system is read-only",
+}
+
+# Names that interrupted writes leave behind: ours (`.NAME.XXXXXXXX.tmp`, files and folders), the
+# `.tmpXXXXXX` files of libraries written in Rust (safetensors' tempfile crate), and the folders of
+# vaekit releases before `.tmp` was appended (`.checkpoint-000100.XXXXXXXX`, `.vae.XXXXXXXX`).
+TEMPORARY_NAME = re.compile(r"^\.(.+\.tmp|tmp[A-Za-z0-9]{6,}|(checkpoint-\d+|vae)\.[a-z0-9_]{8})$")
+
+
+def storage_error(error):
+    """The reason text of a write failure caused by the storage (space, quota, permissions), or None."""
+    if isinstance(error, OSError) and error.errno in STORAGE_ERRORS:
+        return STORAGE_ERRORS[error.errno]
+    # safetensors reports OS errors in its own exception type, with the errno only in the text.
+    match = re.search(r"os error (\d+)", str(error)) if type(error).__name__ == "SafetensorError" else None
+    if match and int(match.group(1)) in STORAGE_ERRORS:
+        return STORAGE_ERRORS[int(match.group(1))]
+    return None
+
+
+@contextlib.contextmanager
+def storage_errors(path):
+    """Turn a write that fails for lack of space or permissions into one VaekitError saying what to do."""
+    try:
+        yield
+    except Exception as e:
+        reason = storage_error(e)
+        if reason is None:
+            raise
+        raise VaekitError(
+            f"Cannot write {path}: {reason}. Nothing already written was changed; free space or fix the "
+            f"permissions of {Path(path).parent}, then run the same command again to continue where it stopped."
+        ) from None
+
+
+def ensure_folder(path):
+    """mkdir -p, with a clear error when the folder cannot be created."""
+    with storage_errors(path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+    return Path(path)
+
+
+def remove_temporaries(folder):
+    """Delete what interrupted atomic writes left in `folder` (not recursive); returns how many were removed."""
+    removed = 0
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    for entry in folder.iterdir():
+        if TEMPORARY_NAME.match(entry.name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def umask_mode(mode=0o666):
@@ -19,15 +86,17 @@ def umask_mode(mode=0o666):
 def atomic_path(path):
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    ensure_folder(path.parent)
+    with storage_errors(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, umask_mode(0o666))  # mkstemp makes the file private (0600)
-        os.replace(tmp, path)
+        with storage_errors(path):
+            yield Path(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, umask_mode(0o666))  # mkstemp makes the file private (0600)
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -41,10 +110,12 @@ def atomic_folder(path):
     moment `path` is either the old complete folder or the new complete one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    ensure_folder(path.parent)
+    with storage_errors(path):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
+        with storage_errors(path):
+            yield tmp
         os.chmod(tmp, umask_mode(0o777))  # mkdtemp makes the folder private (0700)
         if path.exists():
             old = path.with_name(f".{path.name}.old.tmp")
@@ -59,9 +130,23 @@ def atomic_folder(path):
 
 
 def write_text(path, text):
-    """Write a text file atomically."""
+    """Write a text file atomically, as UTF-8; characters that cannot be encoded are written as escapes.
+
+    File names that are not valid UTF-8 reach Python as lone surrogates; a report or list naming one
+    must still be written rather than fail after the work is done.
+    """
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(text)
+        Path(tmp).write_text(text, encoding="utf-8", errors="backslashreplace")
+
+
+def append_lines(path, lines):
+    """Append text lines in one write and fsync: a kill leaves at most one torn last line."""
+    if not lines:
+        return
+    with storage_errors(path), open(path, "a", encoding="utf-8", errors="backslashreplace") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_json(path, obj):

@@ -21,7 +21,6 @@ new entry (higher `run`) wins in the reader, the old one stays in its shard unre
 import contextlib
 import fcntl
 import json
-import os
 import queue
 import re
 import shutil
@@ -33,7 +32,7 @@ from safetensors import safe_open
 
 from vaekit.data.crops import make_buckets
 from vaekit.errors import VaekitError
-from vaekit.io import save_safetensors, write_json, write_text
+from vaekit.io import append_lines, save_safetensors, write_json, write_text
 from vaekit.model.architecture import fingerprint, vae_config
 from vaekit.model.normalization import scale_shift
 
@@ -402,13 +401,8 @@ class ShardWriter:
 
     @staticmethod
     def _append(path, entries):
-        """Append JSON lines in one write and fsync: a kill leaves at most one torn last line."""
-        if not entries:
-            return
-        with open(path, "a") as f:
-            f.write("".join(json.dumps(e) + "\n" for e in entries))
-            f.flush()
-            os.fsync(f.fileno())
+        """Append entries as JSON lines in one write and fsync: a kill leaves at most one torn last line."""
+        append_lines(path, [json.dumps(e) for e in entries])
 
 
 class ShardReader:
