@@ -17,16 +17,62 @@ from vaekit.io import write_text
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 
 
+class OverrideValue:
+    """A `key=value` override: the text as typed and its YAML reading, resolved by the field's type.
+
+    YAML 1.1 reads `no`, `off`, `yes` as booleans and `1e-6` as text; a field that takes text (or one
+    of some words, like `mixed_precision: no`) gets the text as typed, every other field the YAML value.
+    """
+
+    def __init__(self, text, value):
+        self.text, self.value = text, value
+
+    def __repr__(self):
+        return repr(self.text)
+
+
+def plain(value):
+    """`value` with every OverrideValue replaced by its YAML reading (for untyped fields such as dicts)."""
+    if isinstance(value, OverrideValue):
+        return value.value
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
+def _accepts_text(tp, text):
+    """Whether a field of type `tp` takes `text` itself as its value."""
+    if tp is str:
+        return True
+    if typing.get_origin(tp) is typing.Literal:
+        return text in typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_accepts_text(arg, text) for arg in typing.get_args(tp))
+    return False
+
+
+def _yaml_word(choices, value):
+    """The choice that YAML reads as `value` (`no` for False), so `mixed_precision: no` keeps its meaning."""
+    for choice in choices:
+        if isinstance(choice, str) and yaml.safe_load(choice) == value and type(yaml.safe_load(choice)) is type(value):
+            return choice
+    return None
+
+
 def _type_name(tp):
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
 def _coerce(value, tp, key):
     """Check `value` against the annotation `tp` and convert it where the conversion is lossless."""
+    if isinstance(value, OverrideValue):
+        value = value.text if value.value is not None and _accepts_text(tp, value.text) else value.value
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is typing.Any:
-        return value
+        return plain(value)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -40,6 +86,8 @@ def _coerce(value, tp, key):
                 errors.append(str(e))
         raise VaekitError(errors[0] if len(errors) == 1 else f"{key}: {value!r} is not a valid value ({tp}).")
     if origin is typing.Literal:
+        if isinstance(value, bool) and value not in args and _yaml_word(args, value) is not None:
+            return _yaml_word(args, value)
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
             raise VaekitError(f"{key}: {value!r} is not one of {choices}.")
@@ -49,10 +97,10 @@ def _coerce(value, tp, key):
             raise VaekitError(f"{key}: expected a list, got {value!r}.")
         inner = args[0] if args else typing.Any
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise VaekitError(f"{key}: expected a mapping, got {value!r}.")
-        return dict(value)
+        return plain(dict(value))
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -84,7 +132,7 @@ def _coerce(value, tp, key):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise VaekitError(f"{key}: expected a string, got {value!r}.")
-    return value
+    return plain(value)
 
 
 def from_dict(cls, data, prefix=""):
@@ -114,7 +162,10 @@ def to_dict(obj):
 
 
 def parse_override(text):
-    """Split `a.b=value` into (['a', 'b'], value); the value is read as YAML (`true`, `3`, `[1, 2]`)."""
+    """Split `a.b=value` into (['a', 'b'], value); the value is read as YAML (`true`, `3`, `[1, 2]`).
+
+    See OverrideValue for how a config field then takes it.
+    """
     if "=" not in text:
         raise VaekitError(f"Override '{text}' must look like key=value (for example train.lr=1e-4).")
     key, raw = text.split("=", 1)
@@ -146,6 +197,8 @@ def apply_overrides(data, overrides):
     """Apply `a.b=value` strings to a nested dict in place and return it."""
     for text in overrides:
         path, value = parse_override(text)
+        raw = text.split("=", 1)[1].strip()
+        value = OverrideValue(raw, value)
         node = data
         for part in path[:-1]:
             child = node.get(part)

@@ -37,6 +37,17 @@ def storage_error(error):
     return None
 
 
+def full_disk(path):
+    """Whether the file system holding `path` has (almost) no space left: torch.save's write errors carry no errno."""
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def storage_errors(path):
     """Turn a write that fails for lack of space or permissions into one VaekitError saying what to do."""
@@ -44,6 +55,8 @@ def storage_errors(path):
         yield
     except Exception as e:
         reason = storage_error(e)
+        if reason is None and isinstance(e, RuntimeError) and "write" in str(e) and full_disk(path):
+            reason = STORAGE_ERRORS[errno.ENOSPC]
         if reason is None:
             raise
         raise VaekitError(
@@ -82,6 +95,21 @@ def umask_mode(mode=0o666):
     return mode & ~umask
 
 
+def apply_umask(folder):
+    """Give a folder and everything in it the permissions an ordinary mkdir / open would (the umask's).
+
+    Temporary folders are created 0700, and safetensors writes its files through 0600 temporaries;
+    renamed into place as they are, colleagues on a shared cluster could not read an export.
+    """
+    file_mode, folder_mode = umask_mode(0o666), umask_mode(0o777)
+    os.chmod(folder, folder_mode)
+    for root, folders, files in os.walk(folder):
+        for name in folders:
+            os.chmod(os.path.join(root, name), folder_mode)
+        for name in files:
+            os.chmod(os.path.join(root, name), file_mode)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
@@ -116,7 +144,7 @@ def atomic_folder(path):
     try:
         with storage_errors(path):
             yield tmp
-        os.chmod(tmp, umask_mode(0o777))  # mkdtemp makes the folder private (0700)
+        apply_umask(tmp)  # mkdtemp makes the folder private (0700), and libraries write some files 0600
         if path.exists():
             old = path.with_name(f".{path.name}.old.tmp")
             shutil.rmtree(old, ignore_errors=True)

@@ -282,6 +282,7 @@ def finalize_cache(out, source, run, counters, seconds, world):
     for path in sorted(out.glob("errors-*.jsonl")):
         errors.extend(parse_manifest(path)[0])
         path.unlink()
+    errors.extend({"key": s["key"], "path": s["path"], "reason": s["reason"], "detail": None} for s in source.skipped)
     errors.sort(key=lambda e: e["key"])
     write_text(out / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
     current = current_entries(entries)

@@ -1,7 +1,6 @@
 """`vaekit reconstruct`, `vaekit sample`, `vaekit interpolate`: images through a VAE, to PNG files."""
 
 import math
-from pathlib import Path
 
 from vaekit.cli.args import add_command, add_model_arguments, load_model_from_args
 from vaekit.config import DTYPE_NAMES
@@ -62,16 +61,13 @@ def run_reconstruct(args):
     from vaekit.eval.reconstruct import reconstruct_files
 
     device = resolve_device(args.device)
-    missing = [p for p in args.images if not Path(p).is_file()]
-    if missing:
-        raise VaekitError(f"Image not found: {missing[0]}. Pass existing image files.")
     vae = load_model_from_args(args, name="vae", device=device, dtype=DTYPES[args.dtype])
     tile = tile_option(vae, args.tile, args.overlap)
-    failed = 0
+    failed = []
     for result in reconstruct_files(vae, args.images, args.out, tile, args.overlap, args.memory_budget,
                                     args.sample, args.seed):
         if "error" in result:
-            failed += 1
+            failed.append(result)
             print(f"skipped {result['image']}: {result['error']}")
             continue
         for warning in result["warnings"]:
@@ -79,8 +75,12 @@ def run_reconstruct(args):
         width, height = result["size"]
         shown = "inf" if math.isinf(result["psnr"]) else f"{result['psnr']:.2f}"
         print(f"{result['image']} -> {result['path']}  {width}x{height}  {result['seconds']:.2f} s  PSNR {shown} dB")
+    if len(failed) == len(args.images):
+        raise VaekitError(f"Image not found or not readable, none of {len(failed)} written (first: "
+                          f"{failed[0]['error']})")
     if failed:
-        print(f"{failed} of {len(args.images)} image(s) could not be read; the others were written.")
+        print(f"{len(failed)} of {len(args.images)} image(s) could not be read and were skipped: "
+              f"{', '.join(str(r['image']) for r in failed)}; the others were written.")
         return 1
     return 0
 

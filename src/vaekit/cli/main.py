@@ -43,6 +43,9 @@ def main(argv=None):
     # A deprecation notice huggingface_hub prints on every diffusers load; it is not the user's concern.
     warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
     argv = sys.argv[1:] if argv is None else list(argv)
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 must never stop a print
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras:  # reported by the subcommand itself, with its usage and the closest option

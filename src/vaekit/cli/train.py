@@ -1,5 +1,7 @@
 """`vaekit train`: a training run from a YAML config and key=value overrides."""
 
+import signal
+
 from vaekit.cli.args import add_command
 
 
@@ -25,4 +27,8 @@ def run_train(args):
     from vaekit.train.loop import train  # torch, diffusers and accelerate: only once the command runs
 
     result = train(load_config(TrainConfig, args.config, args.overrides), resume=args.resume)
-    return 0 if result else 1
+    if result.get("interrupted"):
+        # The shell's convention for a process stopped by a signal (130 for Ctrl-C, 143 for SIGTERM), so
+        # scripts and `make demo` can tell a stopped run from a finished one; the checkpoint is saved.
+        return 128 + getattr(signal, result.get("signal") or "SIGINT", signal.SIGINT)
+    return 0

@@ -4,12 +4,13 @@
 "corrupt image", "too many pixels (N > limit)", ...) that runs count and list skipped images by.
 """
 
+import errno
 import functools
 import io
 import os
 import re
+import stat
 import warnings
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -79,17 +80,56 @@ def decode_image(source, background=(255, 255, 255), max_pixels=DEFAULT_MAX_PIXE
         raise ImageError(reason, where, f"{type(e).__name__}: {e}") from None
 
 
+def read_image_file(path):
+    """The bytes of the regular file at `path`, or ImageError; never blocks and never follows a symlink loop.
+
+    The file is opened non-blocking and checked before reading: a FIFO named like an image would
+    otherwise block the reader forever, a device file would stream without end. O_NONBLOCK changes
+    nothing for regular files.
+    """
+    where = str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ImageError("file not found", where) from None
+    except OSError as e:
+        raise ImageError(OPEN_ERRORS.get(e.errno, "unreadable file"), where, f"{type(e).__name__}: {e}") from None
+    with os.fdopen(fd, "rb") as f:
+        kind = file_kind(os.fstat(f.fileno()).st_mode)
+        if kind != "regular file":
+            raise ImageError("not a regular file", where, kind)
+        try:
+            return f.read()
+        except OSError as e:
+            raise ImageError("unreadable file", where, f"{type(e).__name__}: {e}") from None
+
+
+# Why a file could not be opened, by errno; the reason strings runs list skipped images by.
+OPEN_ERRORS = {errno.ELOOP: "symlink loop", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+               errno.EISDIR: "not a regular file", errno.ENXIO: "not a regular file"}
+
+
+def file_kind(mode):
+    """'regular file', 'directory', 'fifo', 'socket', 'device' or 'special file' for an st_mode."""
+    if stat.S_ISREG(mode):
+        return "regular file"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "special file"
+
+
 def _read_all(source, where):
     """Bytes of a path, bytes-like or file object; a missing or unreadable file is an ImageError."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source)
     if isinstance(source, (str, os.PathLike)):
-        try:
-            return Path(source).read_bytes()
-        except FileNotFoundError:
-            raise ImageError("file not found", where) from None
-        except OSError as e:
-            raise ImageError("unreadable file", where, f"{type(e).__name__}: {e}") from None
+        return read_image_file(source)
     if hasattr(source, "read"):
         return source.read()
     raise TypeError(f"decode_image takes a path, bytes, a file object or a PIL image, not {type(source).__name__}")

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vaekit.data.config import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
-from vaekit.data.decode import ImageError, decode_image
+from vaekit.data.decode import OPEN_ERRORS, ImageError, decode_image, file_kind, read_image_file
 from vaekit.errors import VaekitError
 
 
@@ -51,14 +51,17 @@ class Source(Sequence):
 
     Every process that opens the same spec sees the same order, so `subset` splits it the same way
     in DataLoader workers and across ranks. A Source pickles (it holds paths and offsets, no handles).
+    `skipped` lists what the source left out when it was opened ({"key", "path", "reason"}: special
+    files, symlink loops, unreadable files), for the run to report with its own skipped images.
     """
 
-    def __init__(self, description, keys, paths, reader, positions=None):
+    def __init__(self, description, keys, paths, reader, positions=None, skipped=()):
         self.description = description
         self._keys = keys
         self._paths = paths
         self._reader = reader  # picklable object with read(position) -> bytes
         self._positions = range(len(keys)) if positions is None else positions
+        self.skipped = list(skipped)
 
     def __len__(self):
         return len(self._positions)
@@ -76,20 +79,20 @@ class Source(Sequence):
     def subset(self, indices):
         """A Source over the given indices of this one (for holdout splits and per-rank shards)."""
         positions = [self._positions[i] for i in indices]
-        return Source(self.description, self._keys, self._paths, self._reader, positions)
+        return Source(self.description, self._keys, self._paths, self._reader, positions, self.skipped)
 
     def __repr__(self):
         return f"<Source {self.description}: {len(self)} images>"
 
 
 class _FileReader:
-    """Reads whole local files by position."""
+    """Reads whole local files by position, never blocking on a file that is not a regular one."""
 
     def __init__(self, paths):
         self.paths = paths
 
     def read(self, position):
-        return Path(self.paths[position]).read_bytes()
+        return read_image_file(self.paths[position])
 
 
 class _TarReader:
@@ -132,8 +135,22 @@ class _HFReader:
         raise ImageError("empty image field", None, f"column '{self.column}' holds {type(value).__name__}")
 
 
-def list_images(root):
-    """Image files under `root`, recursively, sorted by relative path; hidden files and folders skipped."""
+def display_text(text):
+    """`text` with any undecodable bytes of a file name (lone surrogates) written as \\xNN escapes.
+
+    A name that is not valid UTF-8 keeps its bytes in the path used to read the file; its key, which
+    is written into manifests, lists, CSV and HTML, is this valid, readable spelling of it.
+    """
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def list_images(root, skipped=None):
+    """Image files under `root`, recursively, sorted by relative path; hidden files and folders skipped.
+
+    Only regular, readable files are listed. Anything else with an image extension (a FIFO, a
+    socket, a device, a folder, a broken link, a symlink loop, an unreadable file) is appended to
+    `skipped` as {"key", "path", "reason"} and left out, so no reader ever blocks on it.
+    """
     root = Path(root)
     if not root.is_dir():
         raise VaekitError(f"Image folder not found: {root}. Pass an existing folder of images.")
@@ -147,14 +164,37 @@ def list_images(root):
         seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(Path(dirpath) / name)
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            path = Path(dirpath) / name
+            reason = unusable_file(path)
+            if reason is None:
+                found.append(path)
+            elif skipped is not None:
+                skipped.append({"key": display_text(path.relative_to(root).as_posix()), "path": str(path),
+                                "reason": reason})
     if not found:
         raise VaekitError(
             f"No images found in {root} (looked recursively for {', '.join(IMAGE_EXTENSIONS)}; hidden files "
             "skipped). Put images there or pass another folder."
         )
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def unusable_file(path):
+    """Why `path` cannot be read as an image file (symlink loop, not a regular file, ...), or None."""
+    try:
+        mode = os.stat(path).st_mode  # follows symlinks, as reading will
+    except FileNotFoundError:
+        return "broken symlink"
+    except OSError as e:
+        return OPEN_ERRORS.get(e.errno, "unreadable file")
+    kind = file_kind(mode)
+    if kind != "regular file":
+        return f"not a regular file ({kind})"
+    if not os.access(path, os.R_OK):
+        return "permission denied"
+    return None
 
 
 # The colour photographs that ship inside scikit-image's wheel (no download needed), by their
@@ -233,10 +273,11 @@ def _detect_kind(spec):
 
 def _open_folder(spec):
     root = Path(spec)
-    files = list_images(root)
-    keys = [f.relative_to(root).as_posix() for f in files]
-    paths = [str(f.resolve()) for f in files]
-    return Source(f"image folder {root}", keys, paths, _FileReader(paths))
+    skipped = []
+    files = list_images(root, skipped)
+    keys = [display_text(f.relative_to(root).as_posix()) for f in files]
+    paths = [os.path.realpath(f) for f in files]
+    return Source(f"image folder {display_text(str(root))}", keys, paths, _FileReader(paths), skipped=skipped)
 
 
 def _open_builtin(spec):
@@ -407,7 +448,7 @@ def split_holdout(source, holdout, seed=0):
     if count and count >= total:
         raise VaekitError(f"holdout {holdout} would hold out {count} of {total} images and leave none to train on.")
     keys = source.keys()
-    ranked = sorted(range(total), key=lambda i: hashlib.sha256(f"{seed}:{keys[i]}".encode()).hexdigest())
+    ranked = sorted(range(total), key=lambda i: hashlib.sha256(f"{seed}:{keys[i]}".encode("utf-8", "surrogateescape")).hexdigest())
     held = set(ranked[:count])
     return (source.subset([i for i in range(total) if i not in held]),
             source.subset([i for i in range(total) if i in held]))

@@ -66,12 +66,17 @@ def collate_images(batch):
     return {"pixels": pixels, "keys": [item["key"] for item in good], "errors": errors}
 
 
-def build_train_val(config):
-    """(train dataset, held-out dataset or None) from a DataConfig; held-out crops are centred, unflipped."""
+def build_train_val(config, val_size=None):
+    """(train dataset, held-out dataset or None) from a DataConfig; held-out crops are centred, unflipped.
+
+    `val_size`: the held-out crops' side (default: the training crop size). A convolutional VAE
+    trained on small crops reconstructs larger images too; whole-image structure shows at 256 px.
+    """
     source = open_source(config.path, config.source, config.split, config.image_column, config.key_column)
     train_source, val_source = split_holdout(source, config.holdout, config.seed)
     common = dict(size=config.size, small_images=config.small_images, min_size=config.min_size,
                   background=config.background, max_pixels=config.max_pixels, seed=config.seed)
     train = TrainImageDataset(train_source, crop=config.crop, flip=config.flip, **common)
-    val = TrainImageDataset(val_source, crop="center", flip=False, **common) if len(val_source) else None
+    val_common = {**common, "size": val_size or config.size}
+    val = TrainImageDataset(val_source, crop="center", flip=False, **val_common) if len(val_source) else None
     return train, val

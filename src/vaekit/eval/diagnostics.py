@@ -169,6 +169,11 @@ def image_batches(config, source, device, skipped, desc, progress=True):
             bar.update(len(keys))
 
 
+def unlisted(source):
+    """The files a source left out when it was listed, as skipped entries {"key", "reason"}."""
+    return [{"key": s["key"], "reason": s["reason"]} for s in source.skipped]
+
+
 def image_count(config, source):
     """How many images of the source a run looks at."""
     return min(len(source), config.limit or len(source))
@@ -186,7 +191,7 @@ def inspect_latents(config, vae=None, progress=True):
     source = open_source(config.data)
     stats = LatentStatistics(keep_per_image=max(1, math.ceil(HISTOGRAM_VALUES / max(image_count(config, source), 1))))
     generator = torch.Generator().manual_seed(config.seed)
-    skipped = []
+    skipped = unlisted(source)
     for x in image_batches(config, source, device, skipped, "inspect", progress):
         mean, logvar = encode(vae, x)
         stats.update(mean, logvar, generator)
@@ -283,10 +288,11 @@ def inspect_precision(config, vae=None, progress=True):
         vae = load_vae(config.vae, config.override, weights=config.weights, device=device)
     vae = vae.float()
     source = open_source(config.data)
-    skipped = []
+    skipped, images = unlisted(source), 0
     with ActivationRanges(vae) as ranges:
         for x in image_batches(config, source, device, skipped, "precision", progress):
             decode(vae, encode(vae, x)[0])
+            images += len(x)
     # Layers in the order they first ran (dict order is hook order), which reads better than alphabetical.
     layers = [{"layer": name, "max_abs": value, "fp16_fraction": value / FP16_MAX} for name, value in ranges.maxima.items()]
     overflow = [row["layer"] for row in layers if row["max_abs"] > FP16_MAX]
@@ -301,7 +307,7 @@ def inspect_precision(config, vae=None, progress=True):
     else:
         verdict = f"fp16-safe on these images: the largest activation is {largest['fp16_fraction']:.2%} of float16's range."
     result = {
-        "model": config.vae, "data": source.description, "images": image_count(config, source) - len(skipped),
+        "model": config.vae, "data": source.description, "images": images,
         "size": config.size, "fp16_max": FP16_MAX, "margin": FP16_MARGIN, "skipped": skipped,
         "overflow": overflow, "close": close, "fp16_safe": not overflow and not close, "verdict": verdict,
         "layers": layers,

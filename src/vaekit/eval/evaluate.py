@@ -18,6 +18,7 @@ import csv
 import dataclasses
 import io
 import math
+import sys
 import time
 import typing
 from pathlib import Path
@@ -124,13 +125,20 @@ def unique_labels(specs):
     return labels
 
 
-def load_scorers(config, device):
+def stage(text, progress=True):
+    """Say what a long job is doing now, on stderr (the progress bar's stream)."""
+    if progress:
+        tqdm.write(f"evaluate: {text}", file=sys.stderr)
+
+
+def load_scorers(config, device, progress=False):
     """LPIPS networks and the Inception, each None with a reason when disabled or unavailable."""
     lpips_nets, missing, inception = {}, {}, None
     for net in ("vgg", "alex"):
         if not config.lpips:
             missing[f"lpips_{net}"] = "disabled (--no-lpips)"
             continue
+        stage(f"loading LPIPS-{net} weights", progress)
         try:
             lpips_nets[net] = backbones.load_lpips(net, device=device)
         except VaekitError as e:
@@ -138,6 +146,7 @@ def load_scorers(config, device):
     if not config.rfid:
         missing["rfid"] = "disabled (--no-rfid)"
     else:
+        stage("loading the FID Inception weights", progress)
         try:
             inception = inception_module.load_inception(device=device)
         except VaekitError as e:
@@ -373,10 +382,13 @@ def describe_protocol(config, scorers, sizes):
 def evaluate(config, progress=True):
     """Run the evaluation and write metrics.json, per_image.csv, report.html and comparison.png; returns metrics."""
     device = resolve_device(config.device)
+    stage(f"listing {config.data}", progress)
     source = open_source(config.data)
     indices = range(min(len(source), config.limit or len(source)))
+    stage(f"loading {len(config.vae)} model(s)", progress)
     candidates = load_candidates(config, device)
-    scorers = load_scorers(config, device)
+    scorers = load_scorers(config, device, progress)
+    stage(f"reconstructing and scoring {len(indices)} images with {len(candidates)} model(s) on {device}", progress)
     scored = score_source(config, source, indices, candidates, scorers, device, progress)
     images = len(scored.per_image) // len(candidates)
     if images == 0:
@@ -385,6 +397,7 @@ def evaluate(config, progress=True):
                           f"(first: {first['key']}: {first['reason']}). Check the data.")
     probe_size = config.resolution if config.resolution != "full" else 256
     results, greys = [], {}
+    stage("rFID, flat-colour probes and summaries", progress)
     for candidate in candidates:
         entry, grey = model_result(candidate, scored, scorers, probe_size, device)
         results.append(entry)
@@ -399,6 +412,7 @@ def evaluate(config, progress=True):
         "models": results,
         "warnings": evaluation_warnings(scorers, images, scored, candidates),
     }
+    stage("rendering the comparison and writing the report", progress)
     chosen = pick_worst(scored.per_image, candidates, min(config.worst, images))
     comparisons = render_comparisons(source, chosen, candidates, config)
     write_outputs(Path(config.out), summary, scored.per_image, comparisons, greys)
@@ -417,9 +431,11 @@ class Scored:
 
 def score_source(config, source, indices, candidates, scorers, device, progress=True):
     """Reconstruct and score every image of `indices` with every candidate; returns a Scored."""
-    scored = Scored([], [], [], set())
-    bar = tqdm(total=len(indices), desc="evaluate", unit="img", disable=not progress, dynamic_ncols=True)
-    counted_skipped = 0
+    scored = Scored([], [{"key": s["key"], "reason": s["reason"]} for s in source.skipped], [], set())
+    # The bar counts images once per model, advanced after every model's batch, so it moves within seconds.
+    bar = tqdm(total=len(indices) * len(candidates), desc="evaluate", unit="img", disable=not progress,
+               dynamic_ncols=True)
+    counted_skipped = len(scored.skipped)
     # Whole images differ in size, so they go one at a time.
     batch_size = 1 if config.resolution == "full" else config.batch_size
     load = lambda record: load_image(record, config.resolution)  # noqa: E731
@@ -438,11 +454,13 @@ def score_source(config, source, indices, candidates, scorers, device, progress=
             for i, (index, key) in enumerate(zip(batch_indices, keys)):
                 scored.per_image.append({"vae": candidate.label, "key": key, "index": index,
                                          **{name: float(values[i]) for name, values in scores.items()}})
-        bar.update(len(keys) + len(scored.skipped) - counted_skipped)  # skipped images count as done
+            bar.update(len(keys))
+            bar.set_description(f"evaluate {candidate.label[:24]}")
+        bar.update((len(scored.skipped) - counted_skipped) * len(candidates))  # skipped images count as done
         counted_skipped = len(scored.skipped)
         if scored.skipped:
             bar.set_postfix(skipped=len(scored.skipped))
-    bar.update(len(indices) - bar.n)
+    bar.update(bar.total - bar.n)
     bar.close()
     return scored
 

@@ -122,7 +122,8 @@ def compose_comparison(comparisons, labels=None):
         draw.text((pad + col * (tile_w + pad), 10), shorten(title, tile_w, regular, draw), fill="black", font=regular)
     y = header
     for comparison, row in zip(comparisons, rows):
-        text = f"{comparison['key']}  crop {tuple(comparison['box'])}  heat map 0-{comparison['scale_levels']:.0f} levels"
+        text = comparison.get("caption") or (f"{comparison['key']}  crop {tuple(comparison['box'])}  heat map "
+                                              f"0-{comparison['scale_levels']:.0f} levels")
         draw.text((pad, y + 3), shorten(text, width - 2 * pad, small, draw), fill=(60, 60, 60), font=small)
         y += caption
         for col, tile in enumerate(row):

@@ -3,6 +3,7 @@
 import hashlib
 import inspect
 import json
+import math
 
 import torch
 from diffusers import AutoencoderKL
@@ -18,8 +19,33 @@ def config_keys():
     return [name for name in params if name != "self"]
 
 
-def make_config(base, overrides=None):
-    """A full AutoencoderKL config: `base` plus `overrides`, with block types sized to the levels."""
+# Sane ranges of AutoencoderKL's integer fields. A model file's config is untrusted input: checked
+# before anything is built, so a crafted file cannot make the loader allocate or loop without bound.
+INT_RANGES = {
+    "in_channels": (1, 64),
+    "out_channels": (1, 64),
+    "latent_channels": (1, 1024),
+    "layers_per_block": (1, 32),
+    "norm_num_groups": (1, 1024),
+}
+MAX_LEVELS = 8  # resolution levels: 2^7 = 128x downsampling
+MAX_WIDTH = 8192  # channels of one level
+MAX_SAMPLE_SIZE = 1 << 16
+BOOL_KEYS = ("force_upcast", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
+ACTIVATIONS = ("silu", "swish", "mish", "gelu", "relu")  # what diffusers' get_activation accepts
+DOWN_BLOCKS = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")
+UP_BLOCKS = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
+
+
+def make_config(base, overrides=None, source="the model config"):
+    """A full AutoencoderKL config: `base` plus `overrides`, with block types sized to the levels, checked.
+
+    Every field is checked for its type and a sane range (`check_architecture`); an error names the
+    field and `source`.
+    """
+    if not isinstance(base, dict):
+        raise VaekitError(f"{source}: the model config must be a mapping of AutoencoderKL fields, got "
+                          f"{type(base).__name__}.")
     config = dict(base)
     overrides = dict(overrides or {})
     unknown = [k for k in overrides if k not in config_keys()]
@@ -28,18 +54,90 @@ def make_config(base, overrides=None):
             f"Unknown model config key '{unknown[0]}'. Valid keys: {', '.join(config_keys())}."
         )
     config.update(overrides)
+    check_levels(config, source)
     levels = len(config.get("block_out_channels", [64]))
     if "down_block_types" not in overrides:
         config["down_block_types"] = ["DownEncoderBlock2D"] * levels
     if "up_block_types" not in overrides:
         config["up_block_types"] = ["UpDecoderBlock2D"] * levels
+    config = {k: v for k, v in config.items() if k in config_keys()}
+    check_architecture(config, source)
+    return config
+
+
+def _bad(source, key, value, expected):
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    return VaekitError(f"{source}: model config field '{key}' is {shown}; expected {expected}. Fix the config "
+                       f"(or the file's metadata), or pass the right architecture with -o {key}=VALUE.")
+
+
+def _integer(value):
+    """An int from an int or an integral float (JSON writers differ), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def check_levels(config, source):
+    """block_out_channels is a short list of sane widths (checked first: the block lists are sized by it)."""
+    widths = config.get("block_out_channels", [64])
+    if not isinstance(widths, (list, tuple)) or not 1 <= len(widths) <= MAX_LEVELS:
+        raise _bad(source, "block_out_channels", widths, f"a list of 1 to {MAX_LEVELS} channel counts")
+    checked = [_integer(w) for w in widths]
+    if any(w is None or not 1 <= w <= MAX_WIDTH for w in checked):
+        raise _bad(source, "block_out_channels", widths, f"channel counts from 1 to {MAX_WIDTH}")
+    config["block_out_channels"] = checked
+
+
+def check_architecture(config, source="the model config"):
+    """Raise VaekitError naming the first AutoencoderKL config field of the wrong type or out of range."""
+    for key, (low, high) in INT_RANGES.items():
+        if key in config:
+            value = _integer(config[key])
+            if value is None or not low <= value <= high:
+                raise _bad(source, key, config[key], f"an integer from {low} to {high}")
+            config[key] = value
     groups = config.get("norm_num_groups", 32)
-    bad = [c for c in config.get("block_out_channels", []) if c % groups]
-    if bad:
-        raise VaekitError(
-            f"block_out_channels {config['block_out_channels']} must all be multiples of norm_num_groups={groups}."
-        )
-    return {k: v for k, v in config.items() if k in config_keys()}
+    if any(w % groups for w in config["block_out_channels"]):
+        raise VaekitError(f"{source}: block_out_channels {config['block_out_channels']} must all be multiples of "
+                          f"norm_num_groups={groups}.")
+    for key in BOOL_KEYS:
+        if key in config and not isinstance(config[key], bool):
+            raise _bad(source, key, config[key], "true or false")
+    if "act_fn" in config and config["act_fn"] not in ACTIVATIONS:
+        raise _bad(source, "act_fn", config["act_fn"], f"one of {', '.join(ACTIVATIONS)}")
+    levels = len(config["block_out_channels"])
+    for key, allowed in (("down_block_types", DOWN_BLOCKS), ("up_block_types", UP_BLOCKS)):
+        value = config.get(key)
+        if not isinstance(value, (list, tuple)) or len(value) != levels or any(v not in allowed for v in value):
+            raise _bad(source, key, value, f"{levels} block names from {', '.join(allowed)}")
+    size = config.get("sample_size", 512)
+    sizes = size if isinstance(size, (list, tuple)) else [size]
+    if not 1 <= len(sizes) <= 2 or any(_integer(s) is None or not 1 <= _integer(s) <= MAX_SAMPLE_SIZE for s in sizes):
+        raise _bad(source, "sample_size", size, f"a pixel size from 1 to {MAX_SAMPLE_SIZE}")
+    scale = config.get("scaling_factor", 0.18215)
+    if not _finite_number(scale) or scale <= 0:
+        raise _bad(source, "scaling_factor", scale, "a finite number above 0")
+    if config.get("shift_factor") is not None and not _finite_number(config["shift_factor"]):
+        raise _bad(source, "shift_factor", config["shift_factor"], "a finite number or null")
+    channels = config.get("latent_channels", 4)
+    for key in ("latents_mean", "latents_std"):
+        value = config.get(key)
+        if value is None:
+            continue
+        if (not isinstance(value, (list, tuple)) or len(value) != channels or not all(map(_finite_number, value))
+                or (key == "latents_std" and any(v <= 0 for v in value))):
+            raise _bad(source, key, value, f"null or {channels} finite numbers" + (" above 0" if key == "latents_std"
+                                                                                  else ""))
+    return config
+
+
+def _finite_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def build_vae(config):
@@ -81,9 +179,8 @@ def copy_vae(vae, config=None):
     return cast_vae(copy, device=model_device(vae), dtype=torch.float32).eval().requires_grad_(False)
 
 
-def load_state_dict_checked(vae, state_dict, source):
-    """Load `state_dict` into `vae` strictly; on mismatch, name the first offending key and both shapes."""
-    expected = vae.state_dict()
+def check_state_dict(expected, state_dict, source):
+    """Raise VaekitError naming the first key that is missing, extra or of another shape than `expected`'s."""
     for key, tensor in expected.items():
         if key not in state_dict:
             raise VaekitError(
@@ -102,8 +199,21 @@ def load_state_dict_checked(vae, state_dict, source):
             f"{source} does not fit this architecture: the checkpoint has key '{extra[0]}' "
             f"(shape {tuple(state_dict[extra[0]].shape)}) that the model lacks. Check the model config."
         )
-    vae.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()}, strict=True)
-    return vae
+
+
+def vae_from_state_dict(config, state_dict, source):
+    """An AutoencoderKL (fp32, eval mode) of `config` holding `state_dict`, checked before any weight is allocated.
+
+    The model is built on the meta device (no memory), its shapes compared with the file's tensors,
+    and the tensors then become its parameters (`assign=True`): loading allocates no more than the
+    file's tensors need, whatever architecture the file claims.
+    """
+    with torch.device("meta"):
+        vae = AutoencoderKL(**config)
+    check_state_dict(vae.state_dict(), state_dict, source)
+    tensors = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state_dict.items()}
+    vae.load_state_dict(tensors, strict=True, assign=True)
+    return vae.eval()
 
 
 def cast_vae(vae, device=None, dtype=None):

@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from vaekit.config import flat_overrides
 from vaekit.errors import VaekitError
 from vaekit.io import atomic_folder
-from vaekit.model.architecture import build_preset, config_keys, cast_vae, copy_vae, load_state_dict_checked, make_config, vae_config
+from vaekit.model.architecture import (build_preset, cast_vae, config_keys, copy_vae, make_config, vae_config,
+                                       vae_from_state_dict)
 from vaekit.model.presets import PRESETS
 from vaekit.model.single_file import load_single_file, save_single_file
 from vaekit.train.checkpoint import is_training_checkpoint, load_checkpoint_vae
@@ -51,13 +52,12 @@ def load_diffusers_folder(folder, overrides=None):
         raise VaekitError(
             f"{folder} has a config.json but no diffusion_pytorch_model.safetensors. Export the weights as safetensors."
         )
-    config = make_config({k: v for k, v in config.items() if k in config_keys()}, overrides)
-    vae = AutoencoderKL(**config)
+    config = make_config({k: v for k, v in config.items() if k in config_keys()}, overrides, source=folder / "config.json")
     try:
         state_dict = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise VaekitError(f"{weights} is not a readable safetensors file ({e}).") from None
-    return load_state_dict_checked(vae, state_dict, str(weights))
+    return vae_from_state_dict(config, state_dict, str(weights))
 
 
 # owner/name as the hub spells repository ids; anything else that does not exist is a missing path.
@@ -92,8 +92,8 @@ def load_from_hub(repo_id, overrides=None):
             try:
                 vae = AutoencoderKL.from_pretrained(repo_id, subfolder=subfolder, local_files_only=local_only)
                 if overrides:
-                    rebuilt = AutoencoderKL(**make_config(vae_config(vae), overrides))
-                    vae = load_state_dict_checked(rebuilt, vae.state_dict(), repo_id)
+                    vae = vae_from_state_dict(make_config(vae_config(vae), overrides, source=repo_id), vae.state_dict(),
+                                              repo_id)
                 return vae
             except (OSError, ValueError, EnvironmentError) as e:  # hub and file errors all mean "not here"
                 last = e

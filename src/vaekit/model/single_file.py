@@ -12,12 +12,11 @@ import re
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
 from safetensors import safe_open
 
 from vaekit.errors import VaekitError
-from vaekit.io import save_safetensors
-from vaekit.model.architecture import load_state_dict_checked, make_config, vae_config
+from vaekit.io import atomic_folder, save_safetensors
+from vaekit.model.architecture import make_config, vae_config, vae_from_state_dict
 
 METADATA_KEY = "vaekit_config"
 PREFIXES = ("first_stage_model.", "vae.")
@@ -235,15 +234,42 @@ def load_single_file(path, overrides=None, config=None):
             )
         state_dict = to_original(state_dict)
     if config is None and METADATA_KEY in metadata:
-        config = json.loads(metadata[METADATA_KEY])
+        config = metadata_config(metadata[METADATA_KEY], path)
     base = config if config is not None else infer_config(state_dict)
-    vae = AutoencoderKL(**make_config({k: v for k, v in base.items() if not k.startswith("_")}, overrides))
-    return load_state_dict_checked(vae, to_diffusers(state_dict), str(path)).eval()
+    config = make_config({k: v for k, v in base.items() if not k.startswith("_")}, overrides, source=path)
+    return vae_from_state_dict(config, to_diffusers(state_dict), str(path))
+
+
+def metadata_config(text, path):
+    """The architecture JSON stored in a single file's metadata, checked to be a JSON mapping."""
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise VaekitError(f"{path}: the '{METADATA_KEY}' metadata is not valid JSON ({e}). Re-export the file, or "
+                          f"load it without the metadata by converting it with another tool.") from None
+    if not isinstance(config, dict):
+        raise VaekitError(f"{path}: the '{METADATA_KEY}' metadata must be a JSON mapping of AutoencoderKL fields, "
+                          f"got {type(config).__name__}.")
+    return config
+
+
+def config_folder(path):
+    """Where the diffusers config of a single-file export goes: `vae.safetensors` -> `vae_config/`."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_config")
 
 
 def save_single_file(vae, path, dtype=None):
-    """Write one .safetensors in the original layout, the exact config kept in its metadata."""
+    """Write one .safetensors in the original layout, the exact config in its metadata and in `<stem>_config/`.
+
+    diffusers' `AutoencoderKL.from_single_file` cannot read vaekit's metadata: without `config=` it
+    takes any standalone VAE file for SD 1.x and fetches that config from the hub. The folder beside
+    the file holds the matching diffusers config.json, so `from_single_file(path, config=folder)`
+    loads the exact architecture offline.
+    """
     state_dict = {k: (v.to(dtype) if dtype is not None else v).detach().cpu() for k, v in vae.state_dict().items()}
     metadata = {METADATA_KEY: json.dumps(vae_config(vae)), "format": "pt"}
     save_safetensors(to_original(state_dict), path, metadata=metadata)
+    with atomic_folder(config_folder(path)) as tmp:
+        vae.save_config(str(tmp))
     return Path(path)

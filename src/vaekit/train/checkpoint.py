@@ -23,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from vaekit.errors import VaekitError
 from vaekit.io import atomic_folder, atomic_path, save_safetensors, write_json
-from vaekit.model.architecture import load_state_dict_checked, make_config
+from vaekit.model.architecture import make_config, vae_from_state_dict
 
 CHECKPOINT_FORMAT = "vaekit-train-checkpoint"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -155,8 +154,7 @@ def read_meta(path):
 
 def checkpoint_vae(meta, state_dict, source, overrides=None):
     """An AutoencoderKL (eval mode) of the architecture in a checkpoint's meta, holding `state_dict`."""
-    vae = AutoencoderKL(**make_config(meta["vae_config"], overrides))
-    return load_state_dict_checked(vae, state_dict, str(source)).eval()
+    return vae_from_state_dict(make_config(meta["vae_config"], overrides, source=source), state_dict, str(source))
 
 
 def load_checkpoint_vae(path, weights="ema", overrides=None):

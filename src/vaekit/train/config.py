@@ -3,11 +3,15 @@
 No torch here: the command line and config tools load it without the trainer.
 """
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Literal, Optional
 
 from vaekit.data.config import DataConfig
 from vaekit.errors import VaekitError
+
+# The schedules diffusers.optimization.get_scheduler builds (its SchedulerType values).
+Schedule = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
 
 @dataclass
@@ -55,7 +59,7 @@ class DiscConfig:
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
     weight_decay: float = 0.0
-    scheduler: str = "constant"  # any name diffusers.optimization.get_scheduler accepts
+    scheduler: Schedule = "constant"  # a diffusers.optimization.get_scheduler name
     warmup_steps: int = 0
     grad_clip: float = 0.0  # 0: no clipping
 
@@ -68,7 +72,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # latent-diffusion's autoencoder betas
     weight_decay: float = 0.0
     eps: float = 1e-8
-    scheduler: str = "constant"  # constant, constant_with_warmup, cosine, linear, ... (diffusers)
+    scheduler: Schedule = "constant"  # a diffusers.optimization.get_scheduler name
     warmup_steps: int = 0
     grad_clip: float = 1.0  # max global grad norm; 0: no clipping
 
@@ -109,6 +113,7 @@ class ValidationConfig:
     final_images: int = 256  # held-out images scored at the end (metrics.json)
     batch_size: int = 4
     lpips_net: Literal["vgg", "alex"] = "vgg"
+    size: Optional[int] = None  # side of the held-out centre crops in pixels; None: data.size
 
 
 @dataclass
@@ -137,19 +142,67 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
 
+# Range rules checked before a run starts: key -> (test, what the value must be).
+RULES = {
+    "train.steps": (lambda v: v >= 1, "at least 1"),
+    "train.batch_size": (lambda v: v >= 1, "at least 1"),
+    "train.grad_accum": (lambda v: v >= 1, "at least 1"),
+    "train.checkpoint_every": (lambda v: v >= 1, "at least 1"),
+    "train.keep_last": (lambda v: v >= 0, "0 (keep all) or more"),
+    "train.max_nonfinite_in_row": (lambda v: v >= 1, "at least 1"),
+    "log.every": (lambda v: v >= 1, "at least 1"),
+    "validation.batch_size": (lambda v: v >= 1, "at least 1"),
+    "validation.every": (lambda v: v >= 0, "0 (only at the end) or more"),
+    "validation.num_images": (lambda v: v >= 0, "0 or more"),
+    "validation.final_images": (lambda v: v >= 0, "0 or more"),
+    "validation.size": (lambda v: v is None or v >= 8, "at least 8 pixels, or null for data.size"),
+    "optim.lr": (lambda v: v > 0, "a learning rate above 0"),
+    "optim.eps": (lambda v: v > 0, "above 0"),
+    "optim.weight_decay": (lambda v: v >= 0, "0 or more"),
+    "optim.warmup_steps": (lambda v: v >= 0, "0 or more"),
+    "optim.grad_clip": (lambda v: v >= 0, "0 (no clipping) or more"),
+    "optim.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1), like [0.5, 0.9]"),
+    "disc.lr": (lambda v: v > 0, "a learning rate above 0"),
+    "disc.weight_decay": (lambda v: v >= 0, "0 or more"),
+    "disc.warmup_steps": (lambda v: v >= 0, "0 or more"),
+    "disc.grad_clip": (lambda v: v >= 0, "0 (no clipping) or more"),
+    "disc.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1), like [0.5, 0.9]"),
+    "disc.start": (lambda v: v >= 0, "0 or more"),
+    "disc.n_layers": (lambda v: 1 <= v <= 8, "from 1 to 8"),
+    "disc.base_channels": (lambda v: 1 <= v <= 1024, "from 1 to 1024"),
+    "disc.max_adaptive_weight": (lambda v: v > 0, "above 0"),
+    "disc.weight": (lambda v: v >= 0, "0 (off) or more"),
+    "disc.r1_weight": (lambda v: v >= 0, "0 (off) or more"),
+    "loss.perceptual_weight": (lambda v: v >= 0, "0 (off) or more"),
+    "loss.kl_weight": (lambda v: v >= 0, "0 or more"),
+    "loss.kl_warmup_steps": (lambda v: v >= 0, "0 or more"),
+    "loss.free_bits": (lambda v: v >= 0, "0 or more"),
+    "ema.decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "ema.update_after_step": (lambda v: v >= 0, "0 or more"),
+    "ema.inv_gamma": (lambda v: v > 0, "above 0"),
+    "ema.power": (lambda v: v > 0, "above 0"),
+}
+
+
+def numbers(obj, prefix=""):
+    """(key, value) of every number in a config, nested sections and lists included."""
+    for f in fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if is_dataclass(value):
+            yield from numbers(value, key + ".")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield key, value
+        elif isinstance(value, list):
+            yield from ((f"{key}[{i}]", v) for i, v in enumerate(value) if isinstance(v, (int, float)))
+
+
 def check_config(config):
-    """Reject values that would only fail later, deep inside the loop."""
-    t = config.train
-    positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
-                "train.checkpoint_every": t.checkpoint_every, "log.every": config.log.every,
-                "validation.batch_size": config.validation.batch_size}
-    for key, value in positive.items():
-        if value < 1:
-            raise VaekitError(f"{key} must be at least 1, got {value}.")
-    for key in ("loss.perceptual_weight", "loss.kl_weight", "loss.free_bits", "disc.weight", "disc.r1_weight"):
+    """Reject values that would only fail later, deep inside the loop: one error naming the key."""
+    for key, value in numbers(config):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise VaekitError(f"{key} is {value}; it must be a finite number.")
+    for key, (test, what) in RULES.items():
         section, name = key.split(".")
-        if getattr(getattr(config, section), name) < 0:
-            raise VaekitError(f"{key} must not be negative.")
-    for key, betas in (("optim.betas", config.optim.betas), ("disc.betas", config.disc.betas)):
-        if len(betas) != 2:
-            raise VaekitError(f"{key} must be two numbers, like [0.5, 0.9].")
+        value = getattr(getattr(config, section), name)
+        if not test(value):
+            raise VaekitError(f"{key} must be {what}, got {value}.")

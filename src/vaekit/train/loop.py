@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
@@ -32,7 +32,7 @@ from vaekit.config import save_config, to_dict
 from vaekit.data.training import build_train_val, collate_images
 from vaekit.device import launched_processes, needs_cpu_collectives
 from vaekit.errors import VaekitError
-from vaekit.io import write_json, write_text
+from vaekit.io import remove_temporaries, write_json, write_text
 from vaekit.model.architecture import cast_vae, copy_vae, vae_config
 from vaekit.model.load import load_vae, save_diffusers
 from vaekit.seeds import torch_generator
@@ -90,6 +90,7 @@ class RunState:
     disc_updates: int = 0
     skipped_images: list = field(default_factory=list)
     history: list = field(default_factory=list)  # validation results of this session
+    session_start: tuple = (0, 0)  # (step, nonfinite_skips) when this session started
 
 
 def train(config, resume=None):
@@ -100,7 +101,7 @@ def train(config, resume=None):
     checkpoint = find_checkpoint(resume, cfg.out_dir)
     if accelerator.is_main_process:
         save_config(cfg, Path(cfg.out_dir) / "config.yaml")
-    train_ds, val_ds = build_train_val(cfg.data)
+    train_ds, val_ds = build_train_val(cfg.data, val_size=cfg.validation.size)
     if len(train_ds) == 0:
         raise VaekitError(f"No training images found in {cfg.data.path}.")
     checkpoint = ckpt.load_checkpoint(checkpoint) if checkpoint is not None else None
@@ -108,6 +109,8 @@ def train(config, resume=None):
     state = RunState()
     if checkpoint is not None:
         restore(cfg, parts, state, checkpoint, len(train_ds))
+    record_unlisted(state, train_ds.source)
+    state.session_start = (state.step, state.nonfinite_skips)
     batches = make_batches(cfg, accelerator, train_ds, state)
     validator = make_validator(cfg, parts, val_ds) if accelerator.is_main_process else None
     start_tracking(cfg, accelerator, len(train_ds), validator)
@@ -131,12 +134,13 @@ def train(config, resume=None):
                 progress.close()
                 log.info("Stopped at step %d; checkpoint %s. Continue with --resume latest.", state.step, path)
                 accelerator.end_training()
-                return {"checkpoint": path, "step": state.step, "interrupted": True}
+                return {"checkpoint": path, "step": state.step, "interrupted": True, "signal": stop["signal"]}
             if state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.steps:
                 last_saved = save(cfg, parts, state, len(train_ds))
     progress.close()
     if last_saved is None and state.step > 0:
         last_saved = save(cfg, parts, state, len(train_ds))  # resumed at the final step: keep a checkpoint of it
+    check_trained(state, last_saved)
     return finish(cfg, parts, state, validator, last_saved)
 
 
@@ -150,7 +154,7 @@ def start_run(cfg):
         cpu=needs_cpu_collectives(),
         mixed_precision=cfg.train.mixed_precision,
         log_with=make_tracker_kwargs(cfg.log),
-        project_dir=cfg.out_dir,
+        project_config=ProjectConfiguration(project_dir=cfg.out_dir, logging_dir=str(Path(cfg.out_dir) / "tensorboard")),
         # Every trainable parameter is used in every forward, so DDP need not search for unused ones.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
@@ -158,6 +162,10 @@ def start_run(cfg):
     # accelerator.accumulate: the discriminator's micro-steps run after the VAE's optimizer step, and
     # Accelerate's single accumulation counter would interleave the two.
     setup_logging(cfg.out_dir, accelerator.is_main_process)
+    if accelerator.is_main_process:  # what a killed run's atomic writes left: partial checkpoints, exports, grids
+        removed = sum(remove_temporaries(Path(cfg.out_dir) / sub) for sub in ("", "samples"))
+        if removed:
+            log.info("Removed %d temporary files and folders left by an interrupted run in %s.", removed, cfg.out_dir)
     if launched_processes() != accelerator.num_processes:
         raise VaekitError(f"{launched_processes()} processes were launched but Accelerate runs "
                           f"{accelerator.num_processes}; check the launcher flags.")
@@ -266,7 +274,7 @@ def make_validator(cfg, parts, val_ds):
     """The held-out images and their scorer (main process), or None without held-out images."""
     if val_ds is None:
         return None
-    images, errors = take_images(val_ds, max(cfg.validation.num_images, cfg.validation.final_images))
+    images, keys, errors = take_images(val_ds, max(cfg.validation.num_images, cfg.validation.final_images))
     for error in errors:
         log.warning("Held-out image skipped: %s", error)
     if images is None:
@@ -274,12 +282,16 @@ def make_validator(cfg, parts, val_ds):
     lpips_net = build_lpips_metric(cfg.validation.lpips_net, cfg.loss.lpips_path, parts.perceptual)
     if lpips_net is not None:
         lpips_net.to(parts.accelerator.device)
-    return Validator(images, lpips_net, cfg.validation.batch_size, parts.vae)
+    return Validator(images, keys, lpips_net, cfg.validation.batch_size, parts.vae)
 
 
 def start_tracking(cfg, accelerator, train_images, validator):
     """Open the experiment tracker and log what the run is about to do."""
-    if cfg.log.tracker != "none":
+    if cfg.log.tracker == "tensorboard":
+        accelerator.init_trackers(cfg.log.project)
+        if accelerator.is_main_process:  # hyperparameters in a subfolder named for them, not by a float timestamp
+            accelerator.get_tracker("tensorboard", unwrap=True).add_hparams(flat_hparams(cfg), {}, run_name="hparams")
+    elif cfg.log.tracker != "none":
         accelerator.init_trackers(cfg.log.project, config=flat_hparams(cfg))
     log.info("Training %s (%s mode) for %d steps: %d images per step = %d per process x %d processes x %d "
              "accumulation; %d training and %d held-out images; run folder %s",
@@ -401,6 +413,26 @@ def agree(accelerator, nonfinite, stop_requested):
     return bool(flags[0] > 0), bool(flags[1] > 0)
 
 
+def record_unlisted(state, source):
+    """Add the files the source left out when it was listed (special files, loops, unreadable) to the skip list."""
+    for entry in source.skipped:
+        text = f"{entry['key']}: {entry['reason']}"
+        if text not in state.skipped_images:
+            log.warning("Skipped a file that cannot be read as an image: %s", text)
+            state.skipped_images.append(text)
+
+
+def check_trained(state, checkpoint):
+    """Refuse to export when most of this session's steps were skipped as non-finite: the weights barely trained."""
+    steps = state.step - state.session_start[0]
+    skipped = state.nonfinite_skips - state.session_start[1]
+    if steps > 0 and 2 * skipped > steps:
+        raise VaekitError(
+            f"{skipped} of the {steps} steps of this run were skipped because the loss or gradient was not finite, "
+            f"so the weights are (nearly) untrained; nothing was exported (last checkpoint: {checkpoint}). Check "
+            f"the loss weights and optim.lr, or use train.mixed_precision=bf16 instead of fp16.")
+
+
 def count_skip(state, skipped):
     """Count a skipped (non-finite) step, and the streak of them."""
     if not skipped:
@@ -491,6 +523,7 @@ def restore(cfg, parts, state, checkpoint, dataset_size):
         state.epoch, state.batch_in_epoch = position["epoch"] + 1, 0
         log.warning("Batch size, process count or data set changed since the checkpoint; continuing from the "
                     "start of epoch %d.", state.epoch)
+    check_schedule_length(cfg, meta)
     parts.opt_g.load_state_dict(checkpoint.optimizers["vae"])
     parts.sched_g.load_state_dict(meta["schedulers"]["vae"])
     if parts.disc is not None:
@@ -511,6 +544,32 @@ def restore(cfg, parts, state, checkpoint, dataset_size):
         parts.accelerator.scaler.load_state_dict(meta["scaler"])
     ckpt.set_rng_state(checkpoint.rng)
     log.info("Resumed from %s at step %d.", checkpoint.path, state.step)
+
+
+# Schedules whose shape depends on the run's total length (diffusers' get_scheduler num_training_steps).
+LENGTH_DEPENDENT = ("linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+def check_schedule_length(cfg, meta):
+    """Refuse a resume whose train.steps would squeeze a length-dependent learning-rate schedule; warn on stretching."""
+    planned = meta["config"]["train"]["steps"]
+    if planned == cfg.train.steps:
+        return
+    schedules = [s for s in (cfg.optim.scheduler, cfg.disc.scheduler if cfg.disc.weight > 0 else "constant")
+                 if s in LENGTH_DEPENDENT]
+    if not schedules:
+        log.info("train.steps changed from %d to %d; the constant learning rate is unaffected.", planned, cfg.train.steps)
+        return
+    how = (f"To train further with a schedule of its own, start a new run from these weights: model.source="
+           f"{ckpt.checkpoint_path(cfg.out_dir, meta['step'])} out_dir=NEW_FOLDER.")
+    if cfg.train.steps < planned:
+        raise VaekitError(
+            f"This run was planned for {planned} steps and its {schedules[0]} learning-rate schedule ends there; "
+            f"resuming with train.steps={cfg.train.steps} would squeeze the rest of the schedule (the learning rate "
+            f"would drop at once). Resume with train.steps={planned} to finish the run as planned. {how}")
+    log.warning("train.steps grows from %d to %d: the %s learning-rate schedule is stretched to the new length, so "
+                "the learning rate rises again from step %d on. %s", planned, cfg.train.steps, schedules[0],
+                meta["step"], how)
 
 
 def state_with_ema(vae, ema):
@@ -554,7 +613,8 @@ def finish(cfg, parts, state, validator, last_saved):
                 write_text(out_dir / "validation_history.jsonl", "".join(json.dumps(h) + "\n" for h in state.history))
             accelerator.log({f"val/{k}": v for k, v in values.items() if isinstance(v, float)}, step=state.step)
             result.update(metrics=values, grid=out_dir / "reconstructions.png", metrics_file=out_dir / "metrics.json")
-            lines.append(f"  held-out originals | reconstructions  {result['grid']}")
+            side = validator.images.shape[-1]
+            lines.append(f"  held-out images ({side} px): original | reconstruction | error map  {result['grid']}")
             lines.append(f"  held-out metrics  {result['metrics_file']}  ({values['images']} images: "
                          f"{format_metrics(values)})")
         else:
@@ -563,7 +623,17 @@ def finish(cfg, parts, state, validator, last_saved):
         if state.skipped_images:
             lines.append(f"  {len(set(state.skipped_images))} unusable images skipped, listed in "
                          f"{out_dir / 'skipped_images.txt'}")
+        lines += next_commands(result["export"], cfg.data.path, out_dir)
         log.info("\n".join(lines))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def next_commands(export, data, out_dir):
+    """What to try next with the exported VAE, as lines to print."""
+    return ["Next, with this VAE:",
+            f"  vaekit reconstruct --vae {export} IMAGE.png --out {out_dir / 'reconstructed'}   # any image, any size",
+            f"  vaekit encode --vae {export} --data {data} --out {out_dir / 'latents'}   # a latent cache for diffusion",
+            f"  vaekit evaluate --vae {export} --data {data} --out {out_dir / 'evaluation'}   # PSNR, SSIM, LPIPS, "
+            f"rFID and an HTML report"]

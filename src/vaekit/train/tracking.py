@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from vaekit.config import to_dict
 from vaekit.errors import VaekitError
+from vaekit.io import ensure_folder, storage_errors
 
 log = logging.getLogger("vaekit.train")
 
@@ -59,8 +60,9 @@ def setup_logging(out_dir, is_main):
     console.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(console)
     if is_main:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(Path(out_dir) / "train.log")
+        ensure_folder(out_dir)
+        with storage_errors(Path(out_dir) / "train.log"):
+            file = logging.FileHandler(Path(out_dir) / "train.log", encoding="utf-8", errors="backslashreplace")
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(file)
 

@@ -8,13 +8,10 @@ import logging
 from pathlib import Path
 
 import torch
-from PIL import Image
-from torchvision.utils import make_grid
-
 from vaekit.codec.inference import encode_decode
+from vaekit.data.crops import to_pil
 from vaekit.errors import VaekitError
-from vaekit.eval import metrics
-from vaekit.io import atomic_path
+from vaekit.eval import metrics, report
 from vaekit.model.architecture import copy_vae
 from vaekit.train import losses
 
@@ -23,7 +20,11 @@ log = logging.getLogger("vaekit.train")
 
 @torch.no_grad()
 def validate(vae, images, lpips_net=None, batch_size=4):
-    """Reconstruct held-out images with the posterior mean; returns (metrics dict, reconstructions)."""
+    """Reconstruct held-out images with the posterior mean; returns (metrics dict, reconstructions, per-image rows).
+
+    The metrics are means over the images; each row is {"psnr", "lpips"} of one image (lpips None
+    without an LPIPS network), for the grid's captions.
+    """
     device = next(vae.parameters()).device
     recons, psnr, ssim, lp = [], [], [], []
     for i in range(0, len(images), batch_size):
@@ -34,24 +35,33 @@ def validate(vae, images, lpips_net=None, batch_size=4):
         ssim.append(metrics.ssim(y, x).cpu())
         if lpips_net is not None:
             lp.append(lpips_net(y, x).flatten().cpu())  # (b, 1, 1, 1) -> (b,)
-    values = {"psnr": torch.cat(psnr).mean().item(), "ssim": torch.cat(ssim).mean().item(),
-              "lpips": torch.cat(lp).mean().item() if lp else None, "images": len(images)}
-    return values, torch.cat(recons)
+    psnr, lp = torch.cat(psnr), (torch.cat(lp) if lp else None)
+    values = {"psnr": psnr.mean().item(), "ssim": torch.cat(ssim).mean().item(),
+              "lpips": lp.mean().item() if lp is not None else None, "images": len(images)}
+    rows = [{"psnr": float(psnr[i]), "lpips": float(lp[i]) if lp is not None else None} for i in range(len(images))]
+    return values, torch.cat(recons), rows
 
 
-def save_grid(originals, recons, path, pairs_per_row=4):
-    """PNG grid: each held-out original with its reconstruction to its right."""
-    pairs = torch.stack([originals, recons], dim=1).flatten(0, 1)  # (N, 2, 3, H, W) -> (2N, 3, H, W)
-    grid = make_grid((pairs.float() + 1) / 2, nrow=2 * pairs_per_row, padding=2, pad_value=1.0)
-    array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # (3, H, W) -> (H, W, 3)
-    with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
-    return Path(path)
+def save_grid(originals, recons, path, keys=None, rows=None):
+    """PNG: a captioned row per held-out image (key, PSNR, LPIPS): original | reconstruction | error map."""
+    comparisons = []
+    for i, (x, y) in enumerate(zip(originals, recons)):
+        error = (y.float() - x.float()).abs().mean(dim=0) * 127.5  # (H, W) in 8-bit levels
+        scale = max(4.0, float(torch.quantile(error.flatten(), 0.99)))  # a few extreme pixels must not wash it out
+        caption = keys[i] if keys else f"image {i + 1}"
+        if rows:
+            caption += f"   PSNR {rows[i]['psnr']:.2f} dB"
+            if rows[i]["lpips"] is not None:
+                caption += f"   LPIPS {rows[i]['lpips']:.3f}"
+        comparisons.append({"caption": f"{caption}   error 0-{scale:.0f} levels", "original": to_pil(x),
+                            "recons": {"reconstruction": to_pil(y)},
+                            "errors": {"reconstruction": report.heatmap(error, scale)}})
+    return report.save_png(report.compose_comparison(comparisons), Path(path))
 
 
 def take_images(dataset, limit):
-    """Up to `limit` decodable images of a dataset as one (N, 3, H, W) tensor, plus the keys skipped."""
-    images, errors = [], []
+    """Up to `limit` decodable images of a dataset as one (N, 3, H, W) tensor, their keys, and the keys skipped."""
+    images, keys, errors = [], [], []
     for i in range(len(dataset)):
         if len(images) >= limit:
             break
@@ -60,7 +70,8 @@ def take_images(dataset, limit):
             errors.append(f"{item.get('key')}: {item['error']}")
         else:
             images.append(item["pixels"])
-    return (torch.stack(images) if images else None), errors
+            keys.append(item["key"])
+    return (torch.stack(images) if images else None), keys, errors
 
 
 def build_lpips_metric(net, path, perceptual):
@@ -85,14 +96,14 @@ def format_metrics(values):
 class Validator:
     """The held-out images of a run and what scores them; only the main process holds one."""
 
-    def __init__(self, images, lpips_net, batch_size, vae):
-        self.images, self.lpips_net, self.batch_size = images, lpips_net, batch_size
+    def __init__(self, images, keys, lpips_net, batch_size, vae):
+        self.images, self.keys, self.lpips_net, self.batch_size = images, keys, lpips_net, batch_size
         self.scratch = copy_vae(vae)  # receives the weights to score, so the trained model is never touched
 
     def run(self, state_dict, limit, grid_path):
         """Score the first `limit` held-out images with `state_dict` and save their grid; returns the metrics."""
         self.scratch.load_state_dict(state_dict)
         images = self.images[:limit]
-        values, recons = validate(self.scratch, images, self.lpips_net, self.batch_size)
-        save_grid(images, recons, grid_path)
+        values, recons, rows = validate(self.scratch, images, self.lpips_net, self.batch_size)
+        save_grid(images, recons, grid_path, self.keys[:limit], rows)
         return values
