@@ -177,6 +177,13 @@ def test_crafted_model_configs_are_refused_naming_the_field_without_allocating(t
     folder_config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**folder_config, "layers_per_block": 10**6}))
     files["config.json"] = folder
+    # The same through a repository in the local hub cache, as `owner/name` model arguments load offline.
+    snapshot = tmp_path / "hub" / "models--owner--crafted" / "snapshots" / "0123456789abcdef"
+    shutil.copytree(folder, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(snapshot.name)
+    (snapshot / "config.json").write_text(json.dumps({**folder_config, "latent_channels": 3_000_000}))
+    files["hub config.json"] = "owner/crafted"
 
     # The address space the probe needs to import torch and load a tiny model, plus 1 GiB: the crafted
     # architectures would need 13.8 GB to 3.7 TB, or hang in Python with memory growing.
@@ -184,15 +191,17 @@ def test_crafted_model_configs_are_refused_naming_the_field_without_allocating(t
                                "print(open('/proc/self/status').read().split('VmPeak:')[1].split()[0])"],
                               env=ENV, capture_output=True, text=True, timeout=120)
     limit = int(baseline.stdout.strip()) * 1024 + (1 << 30)
-    done = subprocess.run([sys.executable, "-c", PROBE, str(limit), str(good), *map(str, files.values())], env=ENV,
-                          capture_output=True, text=True, timeout=120)
+    hub_env = {**ENV, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", PROBE, str(limit), str(good), *map(str, files.values())],
+                          env=hub_env, capture_output=True, text=True, timeout=120)
     results = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(results) == len(files) + 1, done.stderr[-2000:]
     assert results[0] == {"path": str(good), "loaded": True}
     for (case, _), result in zip(files.items(), results[1:]):
         assert "error" in result, (case, result)
         expected = {"invalid JSON": "not valid JSON", "a list": "must be a JSON mapping",
-                    "does not fit": "does not fit this architecture", "config.json": "layers_per_block"}.get(case, case)
+                    "does not fit": "does not fit this architecture", "config.json": "layers_per_block",
+                    "hub config.json": "latent_channels"}.get(case, case)
         assert expected in result["error"], (case, result["error"])
 
 

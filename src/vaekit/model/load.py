@@ -90,6 +90,9 @@ def load_from_hub(repo_id, overrides=None):
     for local_only in attempts:
         for subfolder in (None, "vae"):
             try:
+                # The repository's config is checked before diffusers builds anything from it.
+                config = AutoencoderKL.load_config(repo_id, subfolder=subfolder, local_files_only=local_only)
+                make_config({k: v for k, v in config.items() if k in config_keys()}, source=f"{repo_id} config.json")
                 vae = AutoencoderKL.from_pretrained(repo_id, subfolder=subfolder, local_files_only=local_only)
                 if overrides:
                     vae = vae_from_state_dict(make_config(vae_config(vae), overrides, source=repo_id), vae.state_dict(),
