@@ -335,13 +335,13 @@ def copy_vae(base, device, dtype):
     return copy.deepcopy(base).to(device=device, dtype=dtype).eval()
 
 
-def compile_baseline(vae, mode):
+def compile_baseline(vae, mode, backend="inductor"):
     """diffusers' best simple setup, as its docs write it: channels_last, then torch.compile of both halves."""
     fast.raise_recompile_limit()
     vae.to(memory_format=torch.channels_last)
     mode = None if mode == "default" else mode
-    vae.encoder.compile(mode=mode)
-    vae.decoder.compile(mode=mode)
+    vae.encoder.compile(mode=mode, backend=backend)
+    vae.decoder.compile(mode=mode, backend=backend)
     return vae
 
 
@@ -369,7 +369,7 @@ def prepare_vae(base, variant, args, device, dtype):
     """A fresh model for one inference row, set up as the variant says."""
     vae = copy_vae(base, device, dtype)
     if variant.family == "compiled":
-        return compile_baseline(vae, args.baseline_compile_mode)
+        return compile_baseline(vae, args.baseline_compile_mode, getattr(args, "compile_backend", "inductor"))
     if variant.levers is not None:
         return fast.optimize_from_config(vae, variant.levers)
     return vae
@@ -422,7 +422,7 @@ def reference_output(base, workload, x, device, count):
     outs = []
     with strict_fp32():
         for i in range(0, count, 4):
-            outs.append(inference_fn(vae, workload, x[i:i + 4].float())())
+            outs.append(inference_fn(vae, workload, x[i:min(i + 4, count)].float())())
     del vae
     free_memory(device)
     return torch.cat(outs)
@@ -454,8 +454,19 @@ def largest_decode_batch(base, size, device, dtype, cap):
     return max(best, 1)
 
 
-def run_inference_workload(workload, base, variants, args, device, dtype):
-    """Measure every variant on one decode or encode workload; returns its rows."""
+@dataclasses.dataclass
+class InferenceSetup:
+    """What every variant of one decode or encode workload shares: inputs, the fp32 reference, the FLOPs."""
+
+    workload: Workload
+    x: torch.Tensor  # inputs in the run's dtype
+    reference: torch.Tensor  # fp32 eager outputs of the first gate_n items
+    gate_n: int
+    flops: float  # per call (one batch)
+
+
+def prepare_inference(workload, base, args, device, dtype):
+    """Inputs, fp32 reference and FLOPs of one inference workload."""
     # Inputs arrive in the run's dtype, and the reference sees those same values in fp32, so the gate
     # measures the computation rather than the rounding of the inputs.
     x = make_inputs(workload, base, device, args.seed).to(dtype)
@@ -466,26 +477,46 @@ def run_inference_workload(workload, base, variants, args, device, dtype):
     # model's work per second whatever a variant does to get there.
     flops = count_flops(inference_fn(counter_vae, workload, x[:1])) * workload.batch
     del counter_vae
+    free_memory(device)
+    return InferenceSetup(workload, x, reference, gate_n, flops)
+
+
+def measure_inference(setup, vae, variant, args, device):
+    """Time one prepared model on a workload and gate its output; returns its Row (exceptions propagate)."""
+    workload = setup.workload
+    row = Row(workload.name, workload.kind, variant.name, variant.family, workload.batch, flops=setup.flops)
+    fn = inference_fn(vae, workload, setup.x)
+    row.seconds, row.first_call_s, row.peak_mib, out = time_calls(
+        fn, device, args.warmup, args.repeats, graphs=uses_graphs(variant, device))
+    row.psnr_db = psnr_against(out[:setup.gate_n], setup.reference)
+    row.gate_ok = row.psnr_db >= args.gate_db
+    return row
+
+
+def error_text(error):
+    """How a row records a failure: "OOM", or the exception's type and first line."""
+    return "OOM" if is_oom(error) else f"{type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}"
+
+
+def run_inference_workload(workload, base, variants, args, device, dtype):
+    """Measure every variant on one decode or encode workload; returns its rows."""
+    setup = prepare_inference(workload, base, args, device, dtype)
     rows = []
     for variant in variants:
-        row = Row(workload.name, workload.kind, variant.name, variant.family, workload.batch, flops=flops)
         log(f"  {workload.name} batch {workload.batch}: {variant.name}")
         vae = None
         try:
             if uses_compile(variant):
                 torch._dynamo.reset()
             vae = prepare_vae(base, variant, args, device, dtype)
-            fn = inference_fn(vae, workload, x)
-            row.seconds, row.first_call_s, row.peak_mib, out = time_calls(
-                fn, device, args.warmup, args.repeats, graphs=uses_graphs(variant, device))
-            row.psnr_db = psnr_against(out[:gate_n], reference)
-            row.gate_ok = row.psnr_db >= args.gate_db
+            row = measure_inference(setup, vae, variant, args, device)
         except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others' rows
-            row.error = "OOM" if is_oom(e) else f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            row = Row(workload.name, workload.kind, variant.name, variant.family, workload.batch, flops=setup.flops,
+                      error=error_text(e))
             if not is_oom(e):
                 traceback.print_exc()
         finally:
-            vae = fn = out = None
+            vae = None
             free_memory(device)
         rows.append(row)
     return rows
@@ -646,13 +677,20 @@ def build_vaekit_step(vae, disc, perceptual, device, dtype, recipe, levers):
     return step
 
 
-def reference_recon(base, x, device, seed, count):
-    """fp32 reconstruction of the first `count` images with the posterior noise of step seed `seed`."""
+def reference_recon(base, x, device, seed, count, noise_dtype=torch.float32):
+    """fp32 reconstruction of the first `count` images with the posterior noise of step seed `seed`.
+
+    The noise is drawn as the training step draws it: diffusers' DiagonalGaussianDistribution.sample
+    calls randn in the dtype of the posterior (bf16 under bf16 autocast), and torch 2.11's CPU randn
+    gives a different stream in bf16 than in fp32 (torch 2.15's gives the same values), so the
+    reference draws in `noise_dtype` and computes everything else in fp32.
+    """
     vae = copy_vae(base, device, torch.float32)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad(), strict_fp32():
         posterior = vae.encode(x.float()).latent_dist
-        recon = vae.decode(posterior.sample(generator=generator)).sample
+        noise = torch.randn(posterior.mean.shape, generator=generator, dtype=noise_dtype).to(device).float()
+        recon = vae.decode(posterior.mean + posterior.std * noise).sample
     del vae
     free_memory(device)
     return recon[:count]
@@ -685,18 +723,30 @@ def train_row_name(variant, args):
     return variant.name.replace("eager + ", "vaekit step + ")
 
 
-def run_train_workload(workload, base, variants, args, device, dtype):
-    """Measure one training step per variant (plain diffusers step, compiled, vaekit); returns its rows."""
+@dataclasses.dataclass
+class TrainSetup:
+    """What every variant of the training workload shares: the batch, the fp32 reference, FLOPs, fresh parts."""
+
+    workload: Workload
+    x: torch.Tensor
+    reference: torch.Tensor  # fp32 reconstruction of the first gate_n images with step 0's posterior noise
+    gate_n: int
+    flops: float  # of one plain step
+    recipe: TrainLosses
+    fresh_parts: object  # () -> (fp32 VAE, PatchGAN, LPIPS), each a new copy with the same weights
+    perceptual_source: str
+
+
+def prepare_train(workload, base, args, device, dtype):
+    """The batch, fp32 reference, FLOPs and part factory of the training workload."""
     recipe = TrainLosses()
     perceptual, source = load_perceptual_net(args.lpips_net)
     perceptual = perceptual.to(device)
-    log(f"  LPIPS-{args.lpips_net}: {source}")
     disc_state = make_discriminator(args.seed).state_dict()
     g = torch.Generator().manual_seed(args.seed + 7)
     x = (torch.rand(workload.batch, 3, workload.size, workload.size, generator=g) * 2 - 1).to(device)  # (B, 3, H, W)
     gate_n = min(args.gate_images, workload.batch)
-    first_seed = 0
-    reference = reference_recon(base, x, device, first_seed, gate_n)
+    reference = reference_recon(base, x, device, 0, gate_n, noise_dtype=dtype)  # autocast: posterior in dtype
 
     def fresh_parts():
         vae = copy_vae(base, device, torch.float32)  # fp32 master weights
@@ -705,46 +755,61 @@ def run_train_workload(workload, base, variants, args, device, dtype):
         return vae, disc.to(device), copy.deepcopy(perceptual)
 
     vae, disc, lp = fresh_parts()
-    flops = count_flops(lambda: build_plain_step(vae, disc, lp, device, dtype, recipe)(x, first_seed))
+    flops = count_flops(lambda: build_plain_step(vae, disc, lp, device, dtype, recipe)(x, 0))
     del vae, disc, lp
     free_memory(device)
+    return TrainSetup(workload, x, reference, gate_n, flops, recipe, fresh_parts, source)
 
+
+def measure_train(setup, variant, args, device, dtype):
+    """Build one variant's step on fresh parts, gate its first step, time the next ones; returns its Row."""
+    workload = setup.workload
+    row = Row(workload.name, workload.kind, train_row_name(variant, args), variant.family, workload.batch,
+              flops=setup.flops)
+    vae, disc, lp = setup.fresh_parts()
+    try:
+        if variant.family == "eager":
+            step = build_plain_step(vae, disc, lp, device, dtype, setup.recipe)
+        elif variant.family == "compiled":
+            compiled = compile_baseline(vae, args.baseline_compile_mode, getattr(args, "compile_backend", "inductor"))
+            step = build_plain_step(compiled, disc, lp, device, dtype, setup.recipe)
+        else:
+            step = build_vaekit_step(vae, disc, lp, device, dtype, setup.recipe, variant.levers)
+        seeds = iter(range(0, 10**9))
+        sync(device)
+        t0 = time.perf_counter()
+        first_recon = step(setup.x, next(seeds))  # the gate: same weights and posterior noise as the reference
+        sync(device)
+        row.first_call_s = time.perf_counter() - t0
+        row.psnr_db = psnr_against(first_recon[:setup.gate_n].float(), setup.reference)
+        row.gate_ok = row.psnr_db >= args.gate_db
+        row.seconds, _, row.peak_mib, _ = time_calls(
+            lambda: step(setup.x, next(seeds)), device, args.warmup - 1, args.repeats,
+            graphs=uses_graphs(variant, device))
+    finally:
+        vae = disc = lp = step = None
+        if _ACCELERATOR:  # Accelerate keeps every prepared model and optimizer; let this row's go
+            next(iter(_ACCELERATOR.values())).free_memory()
+        free_memory(device)
+    return row
+
+
+def run_train_workload(workload, base, variants, args, device, dtype):
+    """Measure one training step per variant (plain diffusers step, compiled, vaekit); returns its rows."""
+    setup = prepare_train(workload, base, args, device, dtype)
+    log(f"  LPIPS-{args.lpips_net}: {setup.perceptual_source}")
     rows = []
     for variant in train_variants(variants):
-        name = train_row_name(variant, args)
-        row = Row(workload.name, workload.kind, name, variant.family, workload.batch, flops=flops)
-        log(f"  {workload.name} batch {workload.batch}: {name}")
+        log(f"  {workload.name} batch {workload.batch}: {train_row_name(variant, args)}")
         try:
             if uses_compile(variant):
                 torch._dynamo.reset()
-            vae, disc, lp = fresh_parts()
-            if variant.family == "eager":
-                step = build_plain_step(vae, disc, lp, device, dtype, recipe)
-            elif variant.family == "compiled":
-                step = build_plain_step(compile_baseline(vae, args.baseline_compile_mode), disc, lp, device, dtype,
-                                        recipe)
-            else:
-                step = build_vaekit_step(vae, disc, lp, device, dtype, recipe, variant.levers)
-            seeds = iter(range(first_seed, 10**9))
-            sync(device)
-            t0 = time.perf_counter()
-            first_recon = step(x, next(seeds))  # the gate: same weights and posterior noise as the reference
-            sync(device)
-            row.first_call_s = time.perf_counter() - t0
-            row.psnr_db = psnr_against(first_recon[:gate_n].float(), reference)
-            row.gate_ok = row.psnr_db >= args.gate_db
-            row.seconds, _, row.peak_mib, _ = time_calls(
-                lambda: step(x, next(seeds)), device, args.warmup - 1, args.repeats,
-                graphs=uses_graphs(variant, device))
+            row = measure_train(setup, variant, args, device, dtype)
         except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others' rows
-            row.error = "OOM" if is_oom(e) else f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            row = Row(workload.name, workload.kind, train_row_name(variant, args), variant.family, workload.batch,
+                      flops=setup.flops, error=error_text(e))
             if not is_oom(e):
                 traceback.print_exc()
-        finally:
-            vae = disc = lp = step = None
-            if _ACCELERATOR:  # Accelerate keeps every prepared model and optimizer; let this row's go
-                next(iter(_ACCELERATOR.values())).free_memory()
-            free_memory(device)
         rows.append(row)
     return rows
 

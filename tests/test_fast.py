@@ -260,6 +260,74 @@ def test_triton_group_norm_matches_aten_in_interpreter():
         assert r["same_strides"] and r["dtype_ok"], r
 
 
+# An H200 has 132 SMs, so its launch aims at 4 * 132 programs and splits each group's statistics into
+# chunks; the cases below are split the same way (several chunks per group, a short last chunk, and
+# chunks of several tiles), in Triton's interpreter.
+H200_PROGRAMS = 4 * 132
+
+MULTI_CHUNK_CHECK = textwrap.dedent("""
+    import json, sys, torch, torch.nn.functional as F
+    from vaekit.codec.levers import group_norm_act, plan_group_launch
+    torch.manual_seed(0)
+    cases = json.loads(sys.argv[1])
+    out = []
+    for shape, groups, programs, channels_last, dtype in cases:
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        x = (torch.randn(shape) * 3 + 2).to(dt)  # an offset mean tests the merge of the chunks' statistics
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        w, b = torch.randn(shape[1]).to(dt), torch.randn(shape[1]).to(dt)
+        length = shape[2] * shape[3]
+        launch = plan_group_launch(shape[0], groups, shape[1] // groups, length, programs)
+        for silu in (True, False):
+            y = group_norm_act(x, groups, w, b, 1e-6, silu, backend="triton", programs=programs)
+            ref = F.group_norm(x.float(), groups, w.float(), b.float(), 1e-6)
+            ref = F.silu(ref) if silu else ref
+            out.append(dict(case=str((shape, groups, programs, channels_last, dtype, silu)), dtype=dtype,
+                            err=((y.float() - ref).abs() / ref.abs().clamp_min(1)).max().item(),
+                            chunks=launch.chunks, tiles_per_chunk=launch.chunk // launch.block_l,
+                            last_chunk=length - (launch.chunks - 1) * launch.chunk, chunk=launch.chunk,
+                            same_strides=y.stride() == x.stride()))
+    print(json.dumps(out))
+""")
+
+
+def test_h200_launch_splits_sd_group_norms_into_chunks():
+    # The sd decoder at 1024 px, batch 1: 32 groups of 4-16 channels over 128^2 to 1024^2 positions.
+    for channels, side in ((128, 1024), (256, 512), (512, 256), (512, 128)):
+        launch = fast.plan_group_launch(1, 32, channels // 32, side * side, H200_PROGRAMS)
+        # ceil(528 / 32) = 17 chunks of the group, 16 where the tiles divide into 16 whole-tile chunks
+        assert launch.chunks in (16, 17), (channels, side, launch)
+        assert launch.chunks * launch.chunk >= side * side > (launch.chunks - 1) * launch.chunk
+    # At batch 16 there are already 512 groups: one chunk each, no split.
+    assert fast.plan_group_launch(16, 32, 4, 256 * 256, H200_PROGRAMS).chunks == 2
+    assert fast.plan_group_launch(17, 32, 4, 256 * 256, H200_PROGRAMS).chunks == 1
+
+
+@needs_triton
+def test_triton_group_norm_with_several_chunks_per_group_matches_aten_in_interpreter():
+    cases = [[(1, 64, 40, 40), 4, H200_PROGRAMS, False, "fp32"],  # 7 chunks of one tile, the last one short
+             [(1, 64, 40, 40), 4, H200_PROGRAMS, True, "fp32"],
+             [(1, 64, 40, 40), 4, 12, True, "fp32"],  # 3 chunks of 3 tiles each, the last one short
+             [(2, 32, 24, 36), 2, H200_PROGRAMS, True, "bf16"],
+             [(1, 16, 33, 31), 1, H200_PROGRAMS, False, "fp32"]]  # an odd length: 1023 positions
+    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
+    done = subprocess.run([sys.executable, "-c", MULTI_CHUNK_CHECK, json.dumps(cases)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(results) == 2 * len(cases)
+    for r in results:
+        assert r["chunks"] > 1 and 0 < r["last_chunk"] <= r["chunk"], r
+        # Error relative to max(|value|, 1): at most one bf16 step (2^-7 of the value) where the rounding of
+        # two fp32 results a hair apart lands on either side; fp32 agrees to a few ulps.
+        tol = 2**-7 if r["dtype"] == "bf16" else 2e-6
+        assert r["err"] <= tol, r
+        assert r["same_strides"], r
+    assert any(r["tiles_per_chunk"] > 1 for r in results)
+    assert any(r["last_chunk"] < r["chunk"] for r in results)
+
+
 @needs_triton
 def test_triton_group_norm_kernels_build_for_sm90(monkeypatch):
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # the current default, stated to silence its notice

@@ -52,6 +52,7 @@ class FastConfig:
     fused_groupnorm: bool = False
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode: default, max-autotune, max-autotune-no-cudagraphs
+    compile_backend: str = "inductor"  # torch.compile backend; "eager" traces without code generation (CPU checks)
     cuda_graphs: bool = False  # implies compile with mode "reduce-overhead" (fixed shapes only)
     dynamic: bool = False  # torch.compile dynamic shapes; False recompiles per shape, fastest when shapes repeat
 
@@ -141,10 +142,14 @@ def triton_usable(x, weight, bias):
     return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad))
 
 
-def group_norm_act(x, num_groups, weight, bias, eps, silu=True, backend="auto"):
-    """GroupNorm over (B, C, *) then SiLU if `silu`; backend 'auto' (Triton for CUDA inference), 'aten' or 'triton'."""
+def group_norm_act(x, num_groups, weight, bias, eps, silu=True, backend="auto", programs=None):
+    """GroupNorm over (B, C, *) then SiLU if `silu`; backend 'auto' (Triton for CUDA inference), 'aten' or 'triton'.
+
+    `programs` (explicit 'triton' backend only) overrides the launch's target program count, so a CPU
+    test in Triton's interpreter can split each group into as many chunks as a GPU launch would.
+    """
     if backend == "triton":  # explicit: tests run this in Triton's interpreter on CPU tensors
-        return launch_group_norm_act(x, weight, bias, num_groups, eps, silu)
+        return launch_group_norm_act(x, weight, bias, num_groups, eps, silu, programs)
     if backend == "auto" and triton_usable(x, weight, bias):
         return torch.ops.vaekit.group_norm_act(x, weight, bias, num_groups, eps, silu)
     y = F.group_norm(x, num_groups, weight, bias, eps)
@@ -182,7 +187,44 @@ def flat_strides(x):
     return x.stride(0), x.stride(1), step
 
 
-def launch_group_norm_act(x, weight, bias, num_groups, eps, silu):
+def target_programs(device):
+    """How many programs a GroupNorm launch aims for: 4 per SM on CUDA (H100 / H200: 132 SMs), 8 elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+@dataclass(frozen=True)
+class GroupLaunch:
+    """How one GroupNorm launch splits the work: tiles of BLOCK_L positions, grouped into chunks per group."""
+
+    block_c: int  # channels of one group, padded to a power of two
+    block_l: int  # positions per tile
+    tiles: int  # tiles per group (programs of the apply kernel per group)
+    chunks: int  # partial statistics per group (programs of the statistics kernel per group)
+    chunk: int  # positions per chunk, a whole number of tiles
+
+
+def plan_group_launch(batch, num_groups, per_group, length, programs):
+    """The tiling of a GroupNorm over (batch, num_groups * per_group, length) that fills about `programs` programs."""
+    block_c = max(2, next_power_of_2(per_group))
+    block_l = min(max(16, 4096 // block_c), max(16, next_power_of_2(length)))
+    tiles = -(-length // block_l)
+    # Enough programs to fill the device: a whole-group reduction per program leaves most SMs idle
+    # at batch 1 (B * G = 32 groups for the sd VAE), so each group's statistics are split into chunks.
+    chunks = max(1, min(tiles, -(-programs // (batch * num_groups))))
+    chunk = -(-tiles // chunks) * block_l
+    chunks = -(-length // chunk)  # every chunk non-empty
+    return GroupLaunch(block_c, block_l, tiles, chunks, chunk)
+
+
+def next_power_of_2(n):
+    """The smallest power of two >= n (triton.next_power_of_2, without needing Triton)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def launch_group_norm_act(x, weight, bias, num_groups, eps, silu, programs=None):
     """Run the Triton GroupNorm(+SiLU): partial Welford statistics per chunk, then combine and normalise."""
     batch, channels = x.shape[:2]
     length = math.prod(x.shape[2:])
@@ -193,24 +235,15 @@ def launch_group_norm_act(x, weight, bias, num_groups, eps, silu):
     y = torch.empty_like(x)  # x is dense here, so y gets exactly its strides
     y_strides = flat_strides(y)
     per_group = channels // num_groups
-    block_c = max(2, triton.next_power_of_2(per_group))
-    block_l = min(max(16, 4096 // block_c), max(16, triton.next_power_of_2(length)))
-    tiles = triton.cdiv(length, block_l)
-    # Enough programs to fill the device: a whole-group reduction per program leaves most SMs idle
-    # at batch 1 (B * G = 32 groups for the sd VAE).
-    if x.is_cuda:
-        target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
-    else:
-        target = 8
-    chunks = max(1, min(tiles, triton.cdiv(target, batch * num_groups)))
-    chunk = triton.cdiv(tiles, chunks) * block_l  # positions per chunk, a whole number of tiles
-    chunks = triton.cdiv(length, chunk)  # every chunk non-empty
+    launch = plan_group_launch(batch, num_groups, per_group, length, programs or target_programs(x.device))
+    block_c, block_l, tiles, chunks, chunk = (launch.block_c, launch.block_l, launch.tiles, launch.chunks,
+                                              launch.chunk)
     partial = torch.empty((batch * num_groups, chunks, 3), dtype=torch.float32, device=x.device)
     _group_norm_stats_kernel[(batch * num_groups, chunks)](
         x, partial, length, per_group, num_groups, *strides, chunk, chunks, BLOCK_L=block_l, BLOCK_C=block_c)
     _group_norm_apply_kernel[(batch * num_groups, tiles)](
         x, y, weight, bias, partial, length, per_group, num_groups, *strides, *y_strides, chunks, eps,
-        SILU=silu, BLOCK_L=block_l, BLOCK_C=block_c, BLOCK_S=max(2, triton.next_power_of_2(chunks)))
+        SILU=silu, BLOCK_L=block_l, BLOCK_C=block_c, BLOCK_S=max(2, next_power_of_2(chunks)))
     return y
 
 
@@ -332,11 +365,11 @@ def fuse_group_norms(vae):
 
 
 def optimize_vae(vae, channels_last=True, compile=False, sdpa=True, fused_groupnorm=False, fused_upsample=False,
-                 fuse_qkv=False, cuda_graphs=False, compile_mode="default", dynamic=False):
+                 fuse_qkv=False, cuda_graphs=False, compile_mode="default", dynamic=False, compile_backend="inductor"):
     """Apply the chosen speed levers to an AutoencoderKL in place and return it (see the module docstring)."""
     config = FastConfig(channels_last=channels_last, sdpa=sdpa, fuse_qkv=fuse_qkv, fused_upsample=fused_upsample,
                         fused_groupnorm=fused_groupnorm, compile=compile or cuda_graphs, compile_mode=compile_mode,
-                        cuda_graphs=cuda_graphs, dynamic=dynamic)
+                        compile_backend=compile_backend, cuda_graphs=cuda_graphs, dynamic=dynamic)
     applied = getattr(vae, "vaekit_levers", None)
     if applied is not None and applied.compile:
         raise VaekitError("This model was already compiled by optimize_vae; optimise a fresh copy instead.")
@@ -359,8 +392,8 @@ def optimize_vae(vae, channels_last=True, compile=False, sdpa=True, fused_groupn
         mode = None if mode == "default" else mode
         raise_recompile_limit()
         # nn.Module.compile works in place: parameter names (and so checkpoints) do not change.
-        vae.encoder.compile(mode=mode, dynamic=dynamic)
-        vae.decoder.compile(mode=mode, dynamic=dynamic)
+        vae.encoder.compile(mode=mode, dynamic=dynamic, backend=compile_backend)
+        vae.decoder.compile(mode=mode, dynamic=dynamic, backend=compile_backend)
     vae.vaekit_levers = config
     return vae
 
