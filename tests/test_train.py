@@ -252,7 +252,8 @@ def test_shipped_configs_load_and_pass_checks():
     from vaekit.train import TrainConfig, check_config
 
     names = sorted(p.stem for p in (ROOT / "configs" / "train").glob("*.yaml"))
-    assert {"demo", "kl_f8c4_256", "kl_f8c16_256", "ft_decoder_mse", "ft_decoder_l1_lpips"} <= set(names)
+    assert {"demo", "kl_f8c4_256", "kl_f8c16_256", "ft_decoder_mse", "ft_decoder_l1_lpips", "ft_eq",
+            "kl_f16c32_va"} <= set(names)
     for name in names:
         config = load_config(TrainConfig, ROOT / "configs" / "train" / f"{name}.yaml")
         check_config(config)
@@ -262,6 +263,14 @@ def test_shipped_configs_load_and_pass_checks():
             assert config.loss.kl_weight == pytest.approx(1e-6 * channels / 192, rel=1e-3)
         if name.startswith("ft_decoder"):
             assert config.model.mode == "decoder" and config.ema.enabled
+    # The regularised recipes: the papers' settings (docs/training.md), and nothing else switched on.
+    eq = load_config(TrainConfig, ROOT / "configs" / "train" / "ft_eq.yaml").loss
+    assert (eq.equivariance_prob, eq.equivariance_min_scale, eq.scale_equivariance_weight, eq.align_weight) == \
+        (0.5, 0.25, 0.0, 0.0)
+    va = load_config(TrainConfig, ROOT / "configs" / "train" / "kl_f16c32_va.yaml")
+    assert (va.loss.align_weight, va.loss.align_margin_cos, va.loss.align_margin_distance) == (0.1, 0.5, 0.25)
+    assert va.loss.equivariance_prob == 0 and va.model.source == "preset:f16c32"
+    assert va.loss.kl_weight == pytest.approx(1e-6 * 32 / (3 * 16**2), rel=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,6 +8,17 @@ from vaekit.codec.options import parse_tile
 IDENTITY = "identity"  # a pseudo-model whose reconstruction is its input: the pipeline's upper bound
 
 
+def unique_labels(specs):
+    """Display names for model specs: the spec itself, numbered when repeated."""
+    labels = []
+    for spec in specs:
+        label = spec.rstrip("/")
+        if label in labels:
+            label = f"{label} #{sum(1 for s in labels if s.startswith(label)) + 1}"
+        labels.append(label)
+    return labels
+
+
 @dataclasses.dataclass
 class EvaluateConfig:
     """One evaluation run: which models, which images, which protocol."""
@@ -31,6 +42,7 @@ class EvaluateConfig:
     psnr_cap: float = 100.0  # dB; identical images have infinite PSNR
     override: list[str] = dataclasses.field(default_factory=list)  # key=value for every model's config
     weights: typing.Literal["ema", "raw"] = "ema"  # for training checkpoints
+    diffusability: bool = True  # latent spectrum and equivariance error per model (vaekit.eval.diffusability)
 
     def __post_init__(self):
         if not self.vae:
@@ -52,9 +64,10 @@ class EvaluateConfig:
 
 @dataclasses.dataclass
 class InspectConfig:
-    """One `vaekit inspect` run."""
+    """One `vaekit inspect` run: one model, or several side by side."""
 
-    vae: str = ""
+    vae: str | list[str] = ""  # one model argument or a list; kept as a list
+    label: list[str] = dataclasses.field(default_factory=list)  # display names, one per vae (default: the spec)
     data: str = ""
     out: str | None = None  # folder for inspect.json and histograms.png; None: print only
     limit: int | None = None  # first N images
@@ -65,9 +78,13 @@ class InspectConfig:
     override: list[str] = dataclasses.field(default_factory=list)
     weights: typing.Literal["ema", "raw"] = "ema"
     precision: bool = False  # report per-layer activation ranges against fp16 instead of latent statistics
+    diffusability: bool = True  # latent spectrum against the images' and equivariance error (decodes the latents)
 
     def __post_init__(self):
+        self.vae = [self.vae] if isinstance(self.vae, str) and self.vae else list(self.vae or [])
         if not self.vae or not self.data:
             raise ValueError("name the model with --vae MODEL and the images with --data SRC")
+        if self.label and len(self.label) != len(self.vae):
+            raise ValueError(f"{len(self.label)} --label values for {len(self.vae)} --vae models; give one per model")
         if self.size < 8 or self.batch_size < 1 or (self.limit is not None and self.limit < 2):
             raise ValueError("size must be >= 8, batch_size >= 1 and limit >= 2")
