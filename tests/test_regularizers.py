@@ -224,7 +224,7 @@ def test_feature_models_load_offline_or_say_what_to_do(tiny_dinov2, tmp_path, mo
     with pytest.raises(VaekitError, match="not in the local hub cache"):
         load_feature_model("no-such-owner/no-such-backbone")
     try:
-        import timm  # noqa: F401
+        import timm  # noqa: F401  (installed: the error below does not apply)
     except ImportError:
         with pytest.raises(VaekitError, match="needs the timm package"):
             load_feature_model("timm:vit_small_patch14_dinov2")

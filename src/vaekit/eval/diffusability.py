@@ -31,7 +31,7 @@ EXCESS_RATIO = 1.5
 # Below this reconstruction PSNR a decode is too far from its image for equivariance errors to mean anything.
 POOR_RECONSTRUCTION_DB = 15.0
 
-# An equivariance PSNR this many dB below the plain reconstruction's means the latent space does not transform like images.
+# An equivariance PSNR this many dB below the plain decode's: the latent space does not transform like images.
 EQUIVARIANCE_GAP_DB = 3.0
 
 
@@ -163,7 +163,8 @@ def verdict(result):
     if ratio is None:
         sentence = "latent grids too small to measure a spectrum"
     elif ratio >= EXCESS_RATIO:
-        sentence = f"latents carry {ratio:.1f}x the high-frequency energy of the images: expect slower diffusion training"
+        sentence = (f"latents carry {ratio:.1f}x the high-frequency energy of the images: "
+                    "expect slower diffusion training")
     elif ratio <= 1 / EXCESS_RATIO:
         sentence = (f"latents carry {ratio:.2f}x the high-frequency energy of the images: smoother than the images, "
                     "easy for diffusion (check that reconstructions keep their detail)")

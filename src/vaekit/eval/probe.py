@@ -83,7 +83,7 @@ class ResBlock(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """Velocity prediction v(x_t, t) for latents (B, C, h, w): conv in, residual blocks (dilations 1, 2, 4, ...), conv out."""
+    """Velocity v(x_t, t) for latents (B, C, h, w): conv in, residual blocks (dilations 1, 2, 4, ...), conv out."""
 
     def __init__(self, channels, width=32, blocks=4):
         super().__init__()

@@ -89,7 +89,9 @@ class Plan(NamedTuple):
 
 def draw_equivariance(rng, grid, prob, min_scale, rotate, min_side=1):
     """EQ-VAE's transform for a latent grid (h, w) with probability `prob`, else None."""
-    use, k, turns = rng.random(), rng.integers(math.ceil(min_scale * EQ_SCALE_STEPS), EQ_SCALE_STEPS), rng.integers(1, 4)
+    use = rng.random()
+    k = rng.integers(math.ceil(min_scale * EQ_SCALE_STEPS), EQ_SCALE_STEPS)
+    turns = rng.integers(1, 4)
     if use >= prob:
         return None
     scale = k / EQ_SCALE_STEPS
