@@ -657,7 +657,7 @@ def build_vaekit_step(vae, disc, perceptual, device, dtype, recipe, levers):
         model.train()
         disc_ddp.train()
         generator = torch.Generator().manual_seed(seed)
-        recon, logs = steps.generator_step(
+        real, recon, logs = steps.generator_step(
             accelerator, model, x, loss_cfg=loss_cfg, disc_cfg=disc_cfg, kl_weight=recipe.kl_weight,
             perceptual=perceptual_loss, disc=accelerator.unwrap_model(disc_ddp), last_layer=last_layer,
             generator=generator)
@@ -666,7 +666,7 @@ def build_vaekit_step(vae, disc, perceptual, device, dtype, recipe, levers):
         if math.isfinite(float(grad_norm)):
             opt_g.step()
         opt_g.zero_grad(set_to_none=True)
-        logs = steps.discriminator_step(accelerator, disc_ddp, x, recon, disc_cfg=disc_cfg)
+        logs = steps.discriminator_step(accelerator, disc_ddp, real, recon, disc_cfg=disc_cfg)
         values.update({k: v.float().item() for k, v in logs.items()})
         d_norm = accelerator.clip_grad_norm_(disc_ddp.parameters(), disc_cfg.grad_clip or float("inf"))
         if math.isfinite(float(d_norm)):

@@ -55,3 +55,20 @@ def lpips_alex():
 def inception():
     """The FID Inception feature extractor ((N, 3, H, W) uint8 or [0, 1] -> (N, 2048)); shared by the session."""
     return prepare_pretrained("inception")
+
+
+# ---------------------------------------------------------------------------------------------------
+# A feature model for latent alignment, built offline
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2(tmp_path_factory):
+    """A randomly initialised two-head, one-layer DINOv2 (patch 4, 16 features) saved as a transformers folder."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    folder = tmp_path_factory.mktemp("dinov2")
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                          patch_size=4, image_size=16)
+    Dinov2Model(config).save_pretrained(folder)
+    return folder

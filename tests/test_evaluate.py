@@ -207,7 +207,8 @@ def evaluation(tiny_vae_dir, tmp_path_factory):
 
 
 def test_evaluate_writes_every_output(evaluation):
-    assert {p.name for p in evaluation.iterdir()} == {"metrics.json", "per_image.csv", "report.html", "comparison.png"}
+    assert {p.name for p in evaluation.iterdir()} == {"metrics.json", "per_image.csv", "report.html", "comparison.png",
+                                                     "spectrum.png"}
     summary = json.loads((evaluation / "metrics.json").read_text())
     assert summary["data"]["images"] == 3
     assert summary["data"]["skipped"] == [{"key": "zz_truncated.png", "reason": "truncated image"}]

@@ -253,7 +253,8 @@ def test_shipped_configs_load_and_pass_checks():
     from vaekit.train import TrainConfig, check_config
 
     names = sorted(p.stem for p in (ROOT / "configs" / "train").glob("*.yaml"))
-    assert {"demo", "kl_f8c4_256", "kl_f8c16_256", "ft_decoder_mse", "ft_decoder_l1_lpips"} <= set(names)
+    assert {"demo", "kl_f8c4_256", "kl_f8c16_256", "ft_decoder_mse", "ft_decoder_l1_lpips", "ft_eq",
+            "kl_f16c32_va"} <= set(names)
     for name in names:
         config = load_config(TrainConfig, ROOT / "configs" / "train" / f"{name}.yaml")
         check_config(config)
@@ -263,6 +264,14 @@ def test_shipped_configs_load_and_pass_checks():
             assert config.loss.kl_weight == pytest.approx(1e-6 * channels / 192, rel=1e-3)
         if name.startswith("ft_decoder"):
             assert config.model.mode == "decoder" and config.ema.enabled
+    # The regularised recipes: the papers' settings (docs/training.md), and nothing else switched on.
+    eq = load_config(TrainConfig, ROOT / "configs" / "train" / "ft_eq.yaml").loss
+    assert (eq.equivariance_prob, eq.equivariance_min_scale, eq.scale_equivariance_weight, eq.align_weight) == \
+        (0.5, 0.25, 0.0, 0.0)
+    va = load_config(TrainConfig, ROOT / "configs" / "train" / "kl_f16c32_va.yaml")
+    assert (va.loss.align_weight, va.loss.align_margin_cos, va.loss.align_margin_distance) == (0.1, 0.5, 0.25)
+    assert va.loss.equivariance_prob == 0 and va.model.source == "preset:f16c32"
+    assert va.loss.kl_weight == pytest.approx(1e-6 * 32 / (3 * 16**2), rel=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -324,7 +333,7 @@ def test_generator_step_leaves_discriminator_gradients_untouched():
 
     accelerator, model, vae, disc = make_parts()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    recon, logs = generator_step(accelerator, model, x, disc=disc, last_layer=vae.decoder.conv_out.weight,
+    _, recon, logs = generator_step(accelerator, model, x, disc=disc, last_layer=vae.decoder.conv_out.weight,
                                  **step_kwargs())
     assert "g" in logs and logs["g_weight"] > 0  # the adversarial term was part of the loss
     assert all(g is None for g in grads(disc))
@@ -338,7 +347,7 @@ def test_discriminator_step_leaves_vae_gradients_untouched():
 
     accelerator, model, vae, disc = make_parts()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    recon, _, _ = model(x)  # a reconstruction still attached to the VAE's graph
+    recon = model(x).recon  # a reconstruction still attached to the VAE's graph
     logs = discriminator_step(accelerator, disc, x, recon, disc_cfg=step_kwargs()["disc_cfg"])
     assert "r1" in logs and logs["r1"] > 0
     assert all(g is None for g in grads(vae))
@@ -512,3 +521,72 @@ def test_mixed_precision_on_cuda_trains_with_fp32_weights_and_resumes(tmp_path, 
     assert {v.dtype for v in saved.values()} == {torch.float32}
     assert all(torch.isfinite(v).all() for v in saved.values())
     assert meta["loop"]["nonfinite_in_row"] == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Diffusability regularisers (EQ-VAE, scale equivariance, VA-VAE alignment) through the real trainer
+
+
+def regularized(tiny_dinov2, **loss):
+    """Config sections with all three regularisers on; EQ-VAE on every micro-batch so each step uses it."""
+    return dict(
+        train={"steps": 4, "batch_size": 1, "grad_accum": 2, "checkpoint_every": 2},
+        optim={"lr": 1e-3, "eps": 1e-3},
+        loss={"equivariance_prob": 0.5, "scale_equivariance_weight": 0.5, "align_weight": 0.1,
+              "align_model": str(tiny_dinov2), **loss},
+        disc={"weight": 0.5, "start": 1, "n_layers": 1, "base_channels": 8, "norm": "none"},
+        ema={"enabled": True},
+        data={"size": 64},
+    )
+
+
+def test_regularised_run_resumes_to_bit_identical_weights(tmp_path, photos, tiny_dinov2):
+    """Train to 4; train to 2 and resume to 4: the same VAE, EMA, discriminator and alignment projection, bit for bit.
+
+    The transforms derive from (seed, step, slot), and the projection and its optimizer state are in the checkpoint.
+    """
+    sections = regularized(tiny_dinov2)
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(["train", "--config", str(write_config(tmp_path / "a.yaml", full, photos, **sections))]) == 0
+    cfg = write_config(tmp_path / "b.yaml", split, photos, **sections)
+    assert main(["train", "--config", str(cfg), "train.steps=2"]) == 0
+    assert main(["train", "--config", str(cfg), "--resume", "latest"]) == 0
+    a, b = full / "checkpoint-000004", split / "checkpoint-000004"
+    for name in ("vae", "ema", "disc", "align"):
+        assert max_diff(tensors(a / f"{name}.safetensors"), tensors(b / f"{name}.safetensors")) == 0, name
+    projection = tensors(a / "align.safetensors")["weight"]
+    assert projection.shape == (16, 4, 1, 1)  # latent channels -> the feature model's 16 dimensions
+    assert max_diff(tensors(a / "align.safetensors"), tensors(full / "checkpoint-000002" / "align.safetensors")) > 0
+    from vaekit.model import load_vae
+
+    assert set(load_vae(full / "vae").state_dict()) == set(initial_tiny_weights())  # the export is a plain VAE
+    log = (full / "train.log").read_text()
+    assert "align_cos" in log and "se " in log and "eq " in log  # the terms are logged
+
+
+def test_regularised_two_process_run_matches_one_process(tmp_path, photos, tiny_dinov2):
+    """2 CPU processes (gloo) x 1 image x 2 accumulation == 1 process x 1 image x 4, with every regulariser on.
+
+    Each slot draws its own transform from (seed, step, slot) wherever it runs; the projection trains through
+    the DDP-prepared module, so both replicas stay identical and equal the single process.
+    """
+    sections = regularized(tiny_dinov2)
+    sections["train"] = {"steps": 3, "batch_size": 1, "grad_accum": 2, "checkpoint_every": 3}
+    dist, single = tmp_path / "dist", tmp_path / "single"
+    cfg = write_config(tmp_path / "c.yaml", dist, photos, **sections)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "vaekit.cli", "train", "--config", str(cfg)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    meta = json.loads((dist / "checkpoint-000003" / "meta.json").read_text())
+    assert meta["data"]["processes"] == 2
+    fingerprints = meta["replica_fingerprints"]
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
+
+    assert main(["train", "--config", str(cfg), f"out_dir={single}", "train.grad_accum=4"]) == 0
+    a, b = dist / "checkpoint-000003", single / "checkpoint-000003"
+    for name in ("vae", "ema", "disc", "align"):
+        assert max_diff(tensors(a / f"{name}.safetensors"), tensors(b / f"{name}.safetensors")) < 1e-5, name
+    assert max_diff(tensors(a / "vae.safetensors"), initial_tiny_weights()) > 1e-3  # far above the tolerance

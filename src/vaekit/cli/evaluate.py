@@ -6,6 +6,7 @@ from pathlib import Path
 
 from vaekit.cli.args import add_command, add_config_argument, add_model_arguments, config_from_args, flag
 from vaekit.config import DTYPE_NAMES
+from vaekit.errors import VaekitError
 from vaekit.eval.config import IDENTITY, EvaluateConfig, InspectConfig
 
 
@@ -36,16 +37,21 @@ def register(subparsers):
     p.add_argument("--worst", type=int, help="images shown in the report's comparison (default 4)")
     p.add_argument("--crop", type=int, help="side of the comparison crops in pixels (default 96)")
     p.add_argument("--psnr_cap", type=float, help="PSNR cap in dB (default 100)")
+    flag(p, "diffusability", "latent spectrum and equivariance error of each model (default on)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_evaluate)
 
     p = add_command(
-        subparsers, "inspect", "latent-space diagnostics: per-channel KL, active units, collapse, histograms, scale/shift",
-        "Measure a VAE's latents on images: KL per channel, active units, posterior collapse, histograms and the "
-        "normalisation they imply; with --precision, each layer's largest activation against float16's range.",
+        subparsers, "inspect", "latent-space diagnostics: KL, active units, collapse, histograms, scale/shift, "
+                               "spectrum and equivariance",
+        "Measure a VAE's latents on images: KL per channel, active units, posterior collapse, histograms, the "
+        "normalisation they imply, and how diffusion-friendly they are (power spectrum against the images', "
+        "equivariance error, a verdict); several --vae side by side. With --precision, each layer's largest "
+        "activation against float16's range.",
     )
     add_config_argument(p, "InspectConfig")
-    add_model_arguments(p, name="vae", positional=False, required=False)
+    add_model_arguments(p, name="vae", positional=False, repeatable=True, help_text="a model to inspect")
+    p.add_argument("--label", action="append", help="display name for each --vae, in order (repeatable)")
     p.add_argument("--data", help="image folder, Hugging Face data set, WebDataset shards or builtin:photos")
     p.add_argument("--out", help="folder for inspect.json and histograms.png")
     p.add_argument("--limit", type=int, help="use only the first N images")
@@ -56,6 +62,7 @@ def register(subparsers):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--precision", action="store_true", default=None,
                    help="instead: per-layer largest activation against float16's limit (is this VAE fp16-safe?)")
+    flag(p, "diffusability", "latent spectrum, equivariance error and verdict (default on; decodes the latents)")
     p.set_defaults(func=run_inspect)
 
 
@@ -76,7 +83,8 @@ def run_evaluate(args):
     config = config_from_args(EvaluateConfig, args)
     summary = evaluate(config, progress=not args.quiet)
     print_summary(summary)
-    print(f"wrote {Path(config.out) / 'report.html'} (and metrics.json, per_image.csv, comparison.png)")
+    print(f"wrote {Path(config.out) / 'report.html'} (and metrics.json, per_image.csv, comparison.png"
+          + (", spectrum.png)" if config.diffusability else ")"))
     return 0
 
 
@@ -89,6 +97,9 @@ def print_summary(summary):
         cells = [fmt(mean["psnr"], 2), fmt(mean["ssim"], 4), fmt(mean["ms_ssim"], 4),
                  fmt(mean["lpips_vgg"], 4), fmt(mean["lpips_alex"], 4), fmt(model["rfid"], 2)]
         print(f"{model['label'][:28]:<28} " + " ".join(f"{c:>7}" for c in cells))
+    for model in summary["models"]:
+        if model.get("diffusability"):
+            print(f"diffusability: {model['label']}: {model['diffusability']['verdict']}")
     for warning in summary["warnings"]:
         print(f"warning: {warning}")
 
@@ -100,20 +111,48 @@ def fmt(value, digits):
 
 def run_inspect(args):
     """Latent diagnostics, or per-layer fp16 safety with --precision."""
-    from vaekit.eval.diagnostics import inspect_latents, inspect_precision  # torch: only once the command runs
+    from vaekit.eval.diagnostics import inspect_models, inspect_precision  # torch: only once the command runs
 
     config = config_from_args(InspectConfig, args)
     if config.precision:
+        if len(config.vae) > 1:
+            raise VaekitError("inspect --precision takes one --vae; run it once per model.")
         result = inspect_precision(config, progress=not args.quiet)
         print_precision(result)
         if config.out:
             print(f"wrote {Path(config.out) / 'precision.json'}")
         return 0
-    result = inspect_latents(config, progress=not args.quiet)
-    print_inspection(result)
+    results = inspect_models(config, progress=not args.quiet)
+    for result in results:
+        if len(results) > 1:
+            print(f"== {result['label']}")
+        print_inspection(result)
+    if config.diffusability:
+        print_diffusability(results)
     if config.out:
-        print(f"wrote {Path(config.out) / 'inspect.json'} and histograms.png")
+        if len(results) == 1:
+            print(f"wrote {Path(config.out) / 'inspect.json'}, histograms.png"
+                  + (" and spectrum.png" if config.diffusability else ""))
+        else:
+            print(f"wrote one folder per model in {config.out}"
+                  + (" and diffusability.json, spectrum.png beside them" if config.diffusability else ""))
     return 0
+
+
+def print_diffusability(results):
+    """Each model's high-frequency share, equivariance PSNRs and verdict, side by side."""
+    print(f"{'model':<28} {'HF latents':>10} {'HF images':>10} {'ratio':>6} {'recon dB':>9} {'x2 down dB':>11} "
+          f"{'rot90 dB':>9}")
+    for result in results:
+        d = result["diffusability"]
+        share, psnr = d["high_frequency_share"], d["equivariance_psnr"]
+        cells = [fmt(share["latents"], 3), fmt(share["images"], 3), fmt(share["ratio"], 2),
+                 fmt(psnr.get("reconstruction"), 2), fmt(psnr.get("downscale_x2"), 2), fmt(psnr.get("rotate_90"), 2)]
+        widths = (10, 10, 6, 9, 11, 9)
+        print(f"{result['label'][:28]:<28} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
+    for result in results:
+        prefix = f"{result['label']}: " if len(results) > 1 else ""
+        print(f"verdict: {prefix}{result['diffusability']['verdict']}")
 
 
 def print_inspection(result):

@@ -8,11 +8,11 @@ import sys
 import warnings
 
 from vaekit import __version__
-from vaekit.cli import cache, evaluate, images, model, train, weights
+from vaekit.cli import cache, evaluate, images, model, probe, train, weights
 from vaekit.cli.args import Parser
 from vaekit.errors import VaekitError
 
-COMMAND_GROUPS = (model, weights, train, cache, evaluate, images)
+COMMAND_GROUPS = (model, weights, train, cache, evaluate, probe, images)
 
 
 def build_parser():

@@ -11,12 +11,19 @@ inspect reports, per latent channel:
 - histograms of the latents as a diffusion model sees them (normalised by the config's scale/shift);
 - suggested scaling and shift factors measured on the data (vaekit.cache.stats, as `vaekit stats`).
 
+- diffusability (vaekit.eval.diffusability): the latents' radially averaged power spectrum against
+  the images', the share of energy above half the Nyquist frequency, the equivariance error
+  (decode of a 2x-downscaled or rotated latent against the same transform of the image, PSNR) and
+  a one-line verdict; with several models, side by side.
+
 inspect --precision reports instead, per layer, the largest absolute activation of an fp32 encode and
 decode of the images against float16's largest finite value: a layer above it overflows in fp16
 (the SDXL VAE's black images), while bfloat16 has float32's range and only loses mantissa.
 """
 
+import dataclasses
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -30,7 +37,10 @@ from vaekit.data.sources import open_source
 from vaekit.device import resolve_device
 from vaekit.errors import VaekitError
 from vaekit.eval import report
+from vaekit.eval.config import unique_labels
+from vaekit.eval.diffusability import DiffusabilityStatistics, spectrum_figure
 from vaekit.io import write_json
+from vaekit.model.architecture import downsample_factor
 from vaekit.model.load import load_vae
 from vaekit.model.normalization import normalize_latents, scale_shift
 from vaekit.moments import RunningMoments
@@ -184,17 +194,25 @@ def image_count(config, source):
 
 
 def inspect_latents(config, vae=None, progress=True):
-    """Run the diagnostics; writes inspect.json and histograms.png to config.out when set; returns the result."""
+    """Diagnose the first model of config.vae; returns the result, also as inspect.json in config.out.
+
+    With config.out set, histograms.png and (with diffusability) spectrum.png are written beside it.
+    """
     device = resolve_device(config.device)
+    spec = config.vae[0]
     if vae is None:
-        vae = load_vae(config.vae, config.override, weights=config.weights, device=device)
+        vae = load_vae(spec, config.override, weights=config.weights, device=device)
     source = open_source(config.data)
     stats = LatentStatistics(keep_per_image=max(1, math.ceil(HISTOGRAM_VALUES / max(image_count(config, source), 1))))
+    diffusion = DiffusabilityStatistics() if config.diffusability else None
+    factor = downsample_factor(vae)
     generator = torch.Generator().manual_seed(config.seed)
     skipped = unlisted(source)
     for x in image_batches(config, source, device, skipped, "inspect", progress):
         mean, logvar = encode(vae, x)
         stats.update(mean, logvar, generator)
+        if diffusion is not None:
+            diffusion.update(x, mean, lambda z: decode(vae, z), factor)
     result = stats.result()
     scale, shift = scale_shift(vae)
     # The same computation as `vaekit stats`: statistics of z ~ q(z|x), from the posterior moments.
@@ -202,7 +220,7 @@ def inspect_latents(config, vae=None, progress=True):
     normalised_std = result["posterior_statistics"]["global_std"] * abs(scale)
     normalised_mean = (result["posterior_statistics"]["global_mean"] - shift) * scale
     result.update({
-        "model": config.vae,
+        "model": spec,
         "data": source.description,
         "skipped": skipped,
         "active_threshold": ACTIVE_THRESHOLD,
@@ -222,12 +240,44 @@ def inspect_latents(config, vae=None, progress=True):
         notes.append(f"{len(skipped)} image(s) skipped as undecodable.")
     result["collapsed"] = bool(collapse_warnings(result))
     result["warnings"] = notes
+    if diffusion is not None:
+        result["diffusability"] = diffusion.result()
     if config.out:
         out = Path(config.out)
         write_json(out / "inspect.json", result)
         values = normalize_latents(vae, stats.values().double())  # (C, K), as a diffusion model sees them
         report.save_png(histogram_figure(values, result), out / "histograms.png")
+        if diffusion is not None:
+            report.save_png(spectrum_figure([(spec, result["diffusability"])]), out / "spectrum.png")
     return result
+
+
+def inspect_models(config, progress=True):
+    """`inspect_latents` for every model of config.vae, each with its "label"; returns the results in order.
+
+    One model writes into config.out itself. Several write each model's files into
+    config.out/N-LABEL/ and, side by side, diffusability.json and spectrum.png into config.out.
+    """
+    labels = list(config.label) or unique_labels(config.vae)
+    if len(config.vae) == 1:
+        return [{"label": labels[0], **inspect_latents(config, progress=progress)}]
+    results = []
+    for index, (spec, label) in enumerate(zip(config.vae, labels)):
+        folder = str(Path(config.out) / model_folder(index, label)) if config.out else None
+        one = dataclasses.replace(config, vae=spec, label=[], out=folder)
+        results.append({"label": label, **inspect_latents(one, progress=progress)})
+    if config.out and config.diffusability:
+        out = Path(config.out)
+        write_json(out / "diffusability.json", {"data": results[0]["data"], "models": [
+            {"label": r["label"], "model": r["model"], "latent_shape": r["latent_shape"], **r["diffusability"]}
+            for r in results]})
+        report.save_png(spectrum_figure([(r["label"], r["diffusability"]) for r in results]), out / "spectrum.png")
+    return results
+
+
+def model_folder(index, label):
+    """A folder name for the index-th model: its number and its label's letters, digits, dots and dashes."""
+    return f"{index + 1}-{re.sub(r'[^A-Za-z0-9.-]+', '_', label).strip('_')[:60] or 'model'}"
 
 
 def histogram_figure(values, result):
@@ -285,7 +335,7 @@ def inspect_precision(config, vae=None, progress=True):
     """Largest |activation| per layer over fp32 encode + decode of the images, against the fp16 limit."""
     device = resolve_device(config.device)
     if vae is None:
-        vae = load_vae(config.vae, config.override, weights=config.weights, device=device)
+        vae = load_vae(config.vae[0], config.override, weights=config.weights, device=device)
     vae = vae.float()
     source = open_source(config.data)
     skipped, images = unlisted(source), 0
@@ -307,7 +357,7 @@ def inspect_precision(config, vae=None, progress=True):
     else:
         verdict = f"fp16-safe on these images: the largest activation is {largest['fp16_fraction']:.2%} of float16's range."
     result = {
-        "model": config.vae, "data": source.description, "images": images,
+        "model": config.vae[0], "data": source.description, "images": images,
         "size": config.size, "fp16_max": FP16_MAX, "margin": FP16_MARGIN, "skipped": skipped,
         "overflow": overflow, "close": close, "fp16_safe": not overflow and not close, "verdict": verdict,
         "layers": layers,

@@ -9,9 +9,12 @@ The protocol (written into every report):
 - reconstructions are clamped to [-1, 1] and rounded to 8 bits before scoring, as if saved as PNG;
 - per image: PSNR (capped at `psnr_cap` dB, so identical images average to a number), SSIM,
   MS-SSIM, LPIPS (VGG and AlexNet), colour shift, checkerboard and grid scores (vaekit.metrics);
-  per set: rFID between the Inception features of originals and reconstructions.
+  per set: rFID between the Inception features of originals and reconstructions;
+- per model (`diffusability`, default on): the latents' power spectrum against the images', their
+  high-frequency share, the equivariance error and a verdict (vaekit.eval.diffusability), from the
+  posterior means of the same images.
 
-Outputs in `out`: metrics.json, per_image.csv, report.html and comparison.png (vaekit.report).
+Outputs in `out`: metrics.json, per_image.csv, report.html, comparison.png and spectrum.png (vaekit.report).
 """
 
 import csv
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from vaekit.codec.inference import encode_decode
+from vaekit.codec.inference import decode, encode, encode_decode
 from vaekit.config import flat_overrides
 from vaekit.data.batching import decoded_batches
 from vaekit.data.crops import resize_center_crop, to_pil, to_tensor
@@ -35,7 +38,8 @@ from vaekit.data.sources import open_source
 from vaekit.device import DTYPES, resolve_device, synchronize
 from vaekit.errors import VaekitError
 from vaekit.eval import metrics, report
-from vaekit.eval.config import IDENTITY
+from vaekit.eval.config import IDENTITY, unique_labels
+from vaekit.eval.diffusability import DiffusabilityStatistics, spectrum_figure
 from vaekit.io import write_json, write_text
 from vaekit.model.architecture import cast_vae, describe, downsample_factor
 from vaekit.model.load import load_vae
@@ -86,6 +90,7 @@ class Candidate:
     factor: int  # downsampling factor (1 for the identity)
     seconds: float = 0.0  # time spent reconstructing
     features: list = dataclasses.field(default_factory=list)  # Inception features of reconstructions
+    diffusion: DiffusabilityStatistics | None = None  # spectra and equivariance PSNRs, when measured
 
 
 @dataclasses.dataclass
@@ -108,21 +113,11 @@ def load_candidates(config, device):
             continue
         vae = load_vae(spec, overrides, weights=config.weights)
         cast_vae(vae, device=device, dtype=DTYPES[config.dtype])
-        candidates.append(Candidate(label, spec, vae, downsample_factor(vae)))
+        diffusion = DiffusabilityStatistics() if config.diffusability else None
+        candidates.append(Candidate(label, spec, vae, downsample_factor(vae), diffusion=diffusion))
     if len({c.label for c in candidates}) != len(candidates):
         raise VaekitError("Two models share a label; give each a distinct --label.")
     return candidates
-
-
-def unique_labels(specs):
-    """Display names for model specs: the spec itself, numbered when repeated."""
-    labels = []
-    for spec in specs:
-        label = spec.rstrip("/")
-        if label in labels:
-            label = f"{label} #{sum(1 for s in labels if s.startswith(label)) + 1}"
-        labels.append(label)
-    return labels
 
 
 def stage(text, progress=True):
@@ -182,6 +177,15 @@ def reconstruct_candidate(candidate, x, sample=False, seeds=None, tile="off"):
 
 # ---------------------------------------------------------------------------------------------------
 # Scoring
+
+
+@torch.no_grad()
+def measure_diffusability(candidate, x, tile="off"):
+    """Add a batch's images and posterior means to the candidate's diffusability statistics (untimed)."""
+    if candidate.vae is None or candidate.diffusion is None:
+        return
+    mean, _ = encode(candidate.vae, x, tile=tile)
+    candidate.diffusion.update(x, mean, lambda z: decode(candidate.vae, z, tile=tile), candidate.factor)
 
 
 @torch.no_grad()
@@ -373,6 +377,11 @@ def describe_protocol(config, scorers, sizes):
         "artifacts": "power of the reconstruction error at the harmonics of a 2 px (checkerboard) and a "
                      "downsampling-factor (grid) period over the power in the bins around them, dB, Hann "
                      "window; about 0 dB means no periodic pattern",
+        "diffusability": "posterior means of the same images: radially averaged power spectrum (mean removed, Hann "
+                         "window) of latents and images, energy above half the Nyquist frequency over all non-DC "
+                         "energy; PSNR of decode(T(z)) against T(x) for a 2x antialiased-bilinear downscale and a "
+                         "90-degree rotation, next to the plain decode's PSNR (both quantised to 8 bits)"
+                         if config.diffusability else "off",
         "flat_colour": f"{len(FLAT_COLOURS)} flat colours decoded at "
                        f"{config.resolution if config.resolution != 'full' else 256} px: spread of the decode "
                        "(std, levels) and the same artifact scores",
@@ -447,6 +456,7 @@ def score_source(config, source, indices, candidates, scorers, device, progress=
         for candidate in candidates:
             seeds = [config.seed + i for i in batch_indices]
             y = reconstruct_candidate(candidate, x, config.sample, seeds, config.tile)
+            measure_diffusability(candidate, x, config.tile)
             scores = score_images(x, y, scorers, period=candidate.factor, psnr_cap=config.psnr_cap)
             if scorers.inception is not None:
                 identical = candidate.vae is None  # the identity's features are the originals'
@@ -481,6 +491,8 @@ def model_result(candidate, scored, scorers, probe_size, device):
         "rfid_images": fid["images"],
         "flat_colour": flat,
         "seconds_per_image": candidate.seconds / max(len(rows), 1) if candidate.vae is not None else 0.0,
+        "diffusability": candidate.diffusion.result() if candidate.diffusion is not None and candidate.vae is not None
+        else None,
     }
     return entry, grey
 
@@ -513,7 +525,11 @@ def write_outputs(out, summary, per_image, comparisons, greys):
     write_text(out / "per_image.csv", per_image_csv(per_image))
     png = report.compose_comparison(comparisons, [m["label"] for m in summary["models"]])
     report.save_png(png, out / "comparison.png")
-    write_text(out / "report.html", report.render_evaluation(summary, comparisons, greys))
+    measured = [(m["label"], m["diffusability"]) for m in summary["models"] if m.get("diffusability")]
+    spectrum = spectrum_figure(measured) if measured else None
+    if spectrum is not None:
+        report.save_png(spectrum, out / "spectrum.png")
+    write_text(out / "report.html", report.render_evaluation(summary, comparisons, greys, spectrum))
 
 
 def json_safe(value):

@@ -192,6 +192,96 @@ def histogram_panels(panels, columns=4, size=(240, 150)):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Line plots (spectra, probe loss curves)
+
+# Distinct colours for up to eight series (Okabe & Ito's colour-blind-safe palette), then repeated.
+PALETTE = ((0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0), (86, 180, 233),
+           (240, 228, 66), (0, 0, 0))
+
+
+def nice_number(value):
+    """A short label for an axis tick."""
+    return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.0e}"
+
+
+def line_plot(series, title="", x_label="", y_label="", log_y=False, size=(560, 340), vline=None, x_range=None):
+    """PNG of line series: each {"label", "x", "y", "dashed" (optional)}; `vline` = (x, label) marks a position.
+
+    Drawn with Pillow like every figure here. With `log_y`, values are plotted on a log10 scale
+    (non-positive values are left out).
+    """
+    width, height = size
+    left, right, top = 62, 14, 40
+    bottom = 42 + 13 * math.ceil(len(series) / 2)  # tick labels, the x label, two legend entries per row
+    height += bottom - 62
+    plot_w, plot_h = width - left - right, height - top - bottom
+    points = []
+    for s in series:
+        pairs = [(float(x), float(y)) for x, y in zip(s["x"], s["y"]) if y is not None and math.isfinite(float(y))]
+        if log_y:
+            pairs = [(x, math.log10(y)) for x, y in pairs if y > 0]
+        points.append(pairs)
+    xs = [x for pairs in points for x, _ in pairs] or [0.0, 1.0]
+    ys = [y for pairs in points for _, y in pairs] or [0.0, 1.0]
+    x0, x1 = x_range if x_range is not None else (min(xs), max(xs))
+    y0, y1 = min(ys), max(ys)
+    x1 = x1 if x1 > x0 else x0 + 1
+    pad = (y1 - y0) * 0.05 or 0.5
+    y0, y1 = y0 - pad, y1 + pad
+    to_px = lambda x, y: (left + (x - x0) / (x1 - x0) * plot_w, top + (1 - (y - y0) / (y1 - y0)) * plot_h)  # noqa: E731
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    small = font(11)
+    draw.rectangle([left, top, left + plot_w, top + plot_h], outline=(120, 120, 120))
+    for i in range(5):  # ticks
+        fx, fy = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
+        px, _ = to_px(fx, y0)
+        _, py = to_px(x0, fy)
+        draw.line([(px, top + plot_h), (px, top + plot_h + 4)], fill="black")
+        draw.text((px - 12, top + plot_h + 6), nice_number(fx), fill="black", font=small)
+        draw.line([(left - 4, py), (left, py)], fill="black")
+        label = nice_number(10 ** fy) if log_y else nice_number(fy)
+        draw.text((left - 6 - draw.textlength(label, font=small), py - 6), label, fill="black", font=small)
+    if vline is not None and x0 <= vline[0] <= x1:
+        px, _ = to_px(vline[0], y0)
+        for y in range(top, top + plot_h, 6):
+            draw.line([(px, y), (px, min(y + 3, top + plot_h))], fill=(150, 150, 150))
+        draw.text((px + 3, top + 3), vline[1], fill=(110, 110, 110), font=small)
+    for i, (s, pairs) in enumerate(zip(series, points)):
+        colour = (110, 110, 110) if s.get("dashed") else PALETTE[i % len(PALETTE)]
+        xy = [to_px(x, y) for x, y in pairs]
+        if s.get("dashed"):
+            for a, b in zip(xy[::2], xy[1::2]):
+                draw.line([a, b], fill=colour, width=2)
+        elif len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        elif xy:
+            draw.ellipse([xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2], fill=colour)
+        legend_y = top + plot_h + 36 + 13 * (i // 2)
+        legend_x = left + (i % 2) * plot_w // 2
+        draw.line([(legend_x, legend_y + 6), (legend_x + 18, legend_y + 6)], fill=colour, width=2)
+        draw.text((legend_x + 22, legend_y), shorten(s["label"], plot_w // 2 - 26, small, draw), fill="black",
+                  font=small)
+    draw.text((left, 4), title, fill="black", font=font(13))
+    draw.text((left + plot_w - draw.textlength(x_label, font=small), top + plot_h + 20), x_label, fill=(60, 60, 60),
+              font=small)
+    draw.text((8, top - 16), y_label, fill=(60, 60, 60), font=small)
+    return img
+
+
+def side_by_side(images, padding=8):
+    """PIL images in one row, top-aligned, on white."""
+    width = sum(i.width for i in images) + padding * (len(images) + 1)
+    height = max(i.height for i in images) + 2 * padding
+    canvas = Image.new("RGB", (width, height), "white")
+    x = padding
+    for img in images:
+        canvas.paste(img, (x, padding))
+        x += img.width + padding
+    return canvas
+
+
+# ---------------------------------------------------------------------------------------------------
 # HTML
 
 
@@ -340,8 +430,39 @@ def flat_colour_html(models, greys):
     )
 
 
-def render_evaluation(summary, comparisons, greys):
-    """The self-contained report.html of `vaekit evaluate`."""
+def diffusability_html(models, spectrum):
+    """Per-model diffusability: high-frequency shares, equivariance PSNRs, verdicts, and the spectrum plot."""
+    measured = [m for m in models if m.get("diffusability")]
+    if not measured:
+        return "<p>Not measured (<code>--no-diffusability</code>, or only the identity).</p>"
+    rows, verdicts = [], []
+    for model in measured:
+        d = model["diffusability"]
+        share, psnr = d["high_frequency_share"], d["equivariance_psnr"]
+        ratio = share["ratio"]
+        ratio_class = ' class="warn"' if ratio is not None and ratio >= 1.5 else ""
+        rows.append(
+            f"<tr><td class=\"name\">{esc(model['label'])}</td><td>{number(share['latents'], 3)}</td>"
+            f"<td>{number(share['images'], 3)}</td><td{ratio_class}>{number(ratio, 2)}</td>"
+            f"<td>{number(psnr.get('reconstruction'), 2)}</td><td>{number(psnr.get('downscale_x2'), 2)}</td>"
+            f"<td>{number(psnr.get('rotate_90'), 2)}</td></tr>")
+        verdicts.append(f"<li><b>{esc(model['label'])}</b>: {esc(d['verdict'])}</li>")
+    plot = figure(spectrum, "radially averaged power spectra", pixel=False) if spectrum is not None else ""
+    return (
+        "<table id=\"diffusability\"><thead><tr><th class=\"name\">model</th><th>high-frequency share, latents "
+        "&darr;</th><th>high-frequency share, images</th><th>ratio &darr;</th><th>decode PSNR (dB)</th>"
+        "<th>2x-downscaled latent PSNR (dB) &uarr;</th><th>rotated latent PSNR (dB) &uarr;</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table><ul>{''.join(verdicts)}</ul>"
+        f"<div class=\"row\">{plot}</div>"
+        "<p><small>High-frequency share: energy above half the Nyquist frequency over all non-DC energy (white noise "
+        "0.80). Latents with much more of it than their images slow diffusion training down (Skorokhodov et al. 2025); "
+        "a latent space whose transformed latents decode to the transformed images is equivariant (EQ-VAE). "
+        "<code>vaekit probe</code> trains a small denoiser on the latents to check.</small></p>"
+    )
+
+
+def render_evaluation(summary, comparisons, greys, spectrum=None):
+    """The self-contained report.html of `vaekit evaluate`; `spectrum`: the PIL plot of diffusability spectra."""
     protocol = "".join(f"<dt>{esc(k.replace('_', ' '))}</dt><dd>{esc(v)}</dd>" for k, v in summary["protocol"].items())
     warnings = summary["warnings"]
     warning_html = (
@@ -381,6 +502,8 @@ shaded above {ARTIFACT_WARN_DB:g} dB. Per-image values: per_image.csv; everythin
 {comparison_html(comparisons)}
 <h2>Flat colours</h2>
 {flat_colour_html(summary['models'], greys)}
+<h2>Diffusability</h2>
+{diffusability_html(summary['models'], spectrum)}
 <h2>Protocol</h2>
 <dl class="protocol">{protocol}</dl>
 {f"<h2>Skipped images</h2><ul>{skipped}</ul>" if skipped else ""}

@@ -65,7 +65,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CHECKPOINT_SUFFIX = re.compile(r"\.(safetensors|ckpt|pt|pth|bin|json)$")
 
 
-def _is_hub_id(spec):
+def is_hub_id(spec):
+    """Whether a model argument that is no existing path reads as a hub id (owner/name, not a file name)."""
     return bool(_HUB_ID.match(spec)) and not _CHECKPOINT_SUFFIX.search(spec)
 
 
@@ -136,7 +137,7 @@ def load_vae(spec, overrides=None, device=None, dtype=None, weights="ema", seed=
                 )
         elif path.is_file():
             vae = load_single_file(path, overrides=overrides)
-        elif not _is_hub_id(spec):
+        elif not is_hub_id(spec):
             hint = " Presets are named preset:NAME." if spec in PRESETS else ""
             raise VaekitError(f"Model not found: {spec}. Pass an existing file or folder, preset:NAME or a hub id.{hint}")
         else:

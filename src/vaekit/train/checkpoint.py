@@ -6,6 +6,7 @@
       vae.safetensors      the raw VAE weights
       ema.safetensors      the EMA weights (when EMA is on): what exports use
       disc.safetensors     the discriminator (when it is on)
+      align.safetensors    the latent-alignment projection (when loss.align_weight > 0)
       optimizer.pt         optimizer states, {"vae": ..., "disc": ...}, read with weights_only=True
       rng.pt               Python, numpy and torch RNG states, read with weights_only=True
 
@@ -31,7 +32,8 @@ from vaekit.model.architecture import make_config, vae_from_state_dict
 
 CHECKPOINT_FORMAT = "vaekit-train-checkpoint"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
-WEIGHT_FILES = {"vae": "vae.safetensors", "ema": "ema.safetensors", "disc": "disc.safetensors"}
+WEIGHT_FILES = {"vae": "vae.safetensors", "ema": "ema.safetensors", "disc": "disc.safetensors",
+                "align": "align.safetensors"}
 
 
 @dataclass
@@ -40,7 +42,7 @@ class Checkpoint:
 
     path: Path
     meta: dict
-    weights: dict  # "vae" / "ema" / "disc" -> state dict of CPU tensors, or None
+    weights: dict  # "vae" / "ema" / "disc" / "align" -> state dict of CPU tensors, or None
     optimizers: dict  # "vae" / "disc" -> optimizer state dict ({} when absent)
     rng: dict
 
@@ -53,7 +55,7 @@ def checkpoint_path(out_dir, step):
 def save_checkpoint(out_dir, step, weights, optimizers, rng, meta):
     """Write checkpoint-<step>/ atomically and return its path; the inverse of `load_checkpoint`.
 
-    `weights`: "vae" / "ema" / "disc" -> state dict (None entries are left out); `optimizers`: a dict
+    `weights`: "vae" / "ema" / "disc" / "align" -> state dict (None entries are left out); `optimizers`: a dict
     of optimizer state dicts; `rng`: `rng_state()`; `meta`: the JSON-safe rest (step and format added).
     """
     final = checkpoint_path(out_dir, step)

@@ -41,6 +41,27 @@ class LossConfig:
     kl_weight: float = 1e-6 * 4 / 192
     kl_warmup_steps: int = 0  # linear KL annealing from 0
     free_bits: float = 0.0  # nats per latent element, per channel
+    # Latent regularisers for diffusability (vaekit.train.regularizers, docs/training.md), all off by default.
+    # EQ-VAE (Kouzelis et al. 2025): share of micro-batches whose latent is downscaled (and rotated) before
+    # decoding and scored against the same transform of the image, instead of the plain reconstruction. Paper: 0.5.
+    equivariance_prob: float = 0.0
+    equivariance_min_scale: float = 0.25  # scales drawn from {k/32 : min_scale <= k/32 < 1}; EQ-VAE: [0.25, 1)
+    equivariance_rotate: bool = True  # also rotate by 90, 180 or 270 degrees, as EQ-VAE does with every scale
+    # Scale equivariance (Skorokhodov et al. 2025): weight of the decode of a downsampled latent against the
+    # downsampled image (reconstruction + perceptual distance), added to the loss; one factor per micro-batch.
+    scale_equivariance_weight: float = 0.0
+    scale_equivariance_factors: list[int] = field(default_factory=lambda: [2, 4])
+    # VA-VAE (Yao et al. 2025): weight w_hyper of the marginal cosine + distance-matrix losses between a 1x1
+    # projection of the latent and a frozen feature model's patch features. Paper: 0.1 with DINOv2-large.
+    align_weight: float = 0.0
+    # The feature model (vaekit.pretrained.features): a transformers folder or hub id, torchvision:alexnet,
+    # torchvision:vgg16 (the LPIPS backbones) or timm:NAME.
+    align_model: str = "facebook/dinov2-large"
+    align_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # the frozen feature model's precision
+    align_margin_cos: float = 0.5  # m1 of the marginal cosine similarity loss (VA-VAE: 0.5)
+    align_margin_distance: float = 0.25  # m2 of the marginal distance-matrix loss (VA-VAE: 0.25)
+    align_adaptive: bool = True  # scale by ||grad nll|| / ||grad align|| at the encoder's last layer (VA-VAE eq. 5)
+    align_max_adaptive_weight: float = 1e4
 
 
 @dataclass
@@ -206,3 +227,28 @@ def check_config(config):
         value = getattr(getattr(config, section), name)
         if not test(value):
             raise VaekitError(f"{key} must be {what}, got {value}.")
+    check_regularizers(config)
+
+
+def check_regularizers(config):
+    """The diffusability regularisers' keys (vaekit.train.regularizers)."""
+    loss = config.loss
+    if not 0 <= loss.equivariance_prob <= 1:
+        raise VaekitError(f"loss.equivariance_prob must be between 0 and 1, got {loss.equivariance_prob}.")
+    if not 0 < loss.equivariance_min_scale <= 31 / 32:
+        raise VaekitError(f"loss.equivariance_min_scale must be in (0, 0.97]: scales are drawn from "
+                          f"[min_scale, 1) in steps of 1/32, got {loss.equivariance_min_scale}.")
+    if not loss.scale_equivariance_factors or any(f < 2 for f in loss.scale_equivariance_factors):
+        raise VaekitError("loss.scale_equivariance_factors must list downsampling factors of 2 or more, like [2, 4].")
+    for key in ("scale_equivariance_weight", "align_weight", "align_margin_cos", "align_margin_distance"):
+        if getattr(loss, key) < 0:
+            raise VaekitError(f"loss.{key} must not be negative.")
+    if loss.align_weight > 0:
+        if not loss.align_model:
+            raise VaekitError("loss.align_weight > 0 needs loss.align_model: a feature model such as "
+                              "facebook/dinov2-large, a local transformers folder, or torchvision:alexnet.")
+        if config.model.mode != "scratch":
+            raise VaekitError("loss.align_weight aligns the encoder's latents, but model.mode=decoder freezes the "
+                              "encoder; use model.mode=scratch (which also fine-tunes an existing model).")
+        if loss.align_max_adaptive_weight <= 0:
+            raise VaekitError("loss.align_max_adaptive_weight must be positive.")

@@ -41,6 +41,7 @@ from vaekit.train import checkpoint as ckpt
 from vaekit.train import losses
 from vaekit.train.config import check_config
 from vaekit.train.discriminator import DiscriminatorConfig, PatchDiscriminator
+from vaekit.train.regularizers import build_regularizer, transform_rng
 from vaekit.train.sampler import StepBatchSampler
 from vaekit.train.steps import AutoencoderForTraining, discriminator_step, generator_step
 from vaekit.train.tracking import Progress, flat_hparams, make_tracker_kwargs, setup_logging
@@ -64,6 +65,7 @@ class Parts:
     sched_d: object = None
     ema: EMAModel | None = None
     perceptual: losses.PerceptualLoss | None = None
+    regularizer: object = None  # vaekit.train.regularizers.Regularizer, when a diffusability regulariser is on
 
     @property
     def last_layer(self):
@@ -204,8 +206,10 @@ def build_parts(cfg, accelerator, checkpoint=None):
     if cfg.model.compile:
         vae.encoder.compile()  # in place: state-dict keys stay those of AutoencoderKL
         vae.decoder.compile()
+    regularizer = build_regularizer(cfg, vae, device)
     model = AutoencoderForTraining(vae, freeze_encoder=cfg.model.mode == "decoder",
-                                   sample_posterior=cfg.model.sample_posterior)
+                                   sample_posterior=cfg.model.sample_posterior,
+                                   projection=regularizer.projection if regularizer is not None else None)
     disc = None
     if cfg.disc.weight > 0:
         disc = PatchDiscriminator(DiscriminatorConfig(n_layers=cfg.disc.n_layers, base_channels=cfg.disc.base_channels,
@@ -217,14 +221,15 @@ def build_parts(cfg, accelerator, checkpoint=None):
     if cfg.ema.enabled:
         ema = EMAModel(vae.parameters(), decay=cfg.ema.decay, update_after_step=cfg.ema.update_after_step,
                        use_ema_warmup=cfg.ema.warmup, inv_gamma=cfg.ema.inv_gamma, power=cfg.ema.power)
-    trainable = [p for p in vae.parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]  # the VAE's, then an alignment projection's
     opt_g = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                               weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
     # Schedulers are stepped once per optimizer step by this loop, not by Accelerate (which would step
     # them once per process), so their length is in optimizer steps.
     sched_g = get_scheduler(cfg.optim.scheduler, opt_g, num_warmup_steps=cfg.optim.warmup_steps,
                             num_training_steps=cfg.train.steps)
-    parts = Parts(accelerator, vae, model, trainable, opt_g, sched_g, ema=ema, perceptual=perceptual)
+    parts = Parts(accelerator, vae, model, trainable, opt_g, sched_g, ema=ema, perceptual=perceptual,
+                  regularizer=regularizer)
     if disc is not None:
         opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc.lr, betas=tuple(cfg.disc.betas),
                                   weight_decay=cfg.disc.weight_decay)
@@ -347,13 +352,15 @@ def vae_update(cfg, parts, state, batches, kl_weight, disc_active):
         else:
             images += len(pixels)
         x = pixels.to(accelerator.device, non_blocking=True)
-        generator = torch_generator(cfg.train.seed, state.step, m * world + rank)  # posterior noise of this slot
+        slot = m * world + rank
+        generator = torch_generator(cfg.train.seed, state.step, slot)  # posterior noise of this slot
         with contextlib.nullcontext() if m == accum - 1 else accelerator.no_sync(parts.model):
-            recon, micro_logs = generator_step(
+            real, recon, micro_logs = generator_step(
                 accelerator, parts.model, x, loss_cfg=cfg.loss, disc_cfg=cfg.disc, kl_weight=kl_weight,
                 perceptual=parts.perceptual, disc=raw_disc, last_layer=parts.last_layer, generator=generator,
-                scale=weight / accum)
-        kept.append((x, recon, weight))
+                scale=weight / accum, regularizer=parts.regularizer,
+                rng=transform_rng(cfg.train.seed, state.step, slot))
+        kept.append((real, recon, weight))
         add_logs(logs, micro_logs, accum)
     # A non-finite gradient norm means a non-finite loss or gradient somewhere (DDP has already averaged
     # the gradients, so every process sees the same norm).
@@ -476,7 +483,8 @@ def save(cfg, parts, state, dataset_size, interrupted=False):
         disc = accelerator.unwrap_model(parts.disc) if parts.disc is not None else None
         weights = {"vae": parts.vae.state_dict(),
                    "ema": state_with_ema(parts.vae, parts.ema) if parts.ema is not None else None,
-                   "disc": disc.state_dict() if disc is not None else None}
+                   "disc": disc.state_dict() if disc is not None else None,
+                   "align": parts.regularizer.state_dict() if parts.regularizer is not None else None}
         optimizers = {"vae": parts.opt_g.state_dict(), "disc": parts.opt_d.state_dict() if parts.opt_d else {}}
         meta = {
             "interrupted": interrupted,
@@ -533,6 +541,11 @@ def restore(cfg, parts, state, checkpoint, dataset_size):
             parts.sched_d.load_state_dict(meta["schedulers"]["disc"])
         else:
             log.warning("The checkpoint has no discriminator; starting a new one.")
+    if parts.regularizer is not None and parts.regularizer.projection is not None:
+        if checkpoint.weights.get("align") is not None:
+            parts.regularizer.load_state_dict(checkpoint.weights["align"])
+        else:
+            log.warning("The checkpoint has no alignment projection; starting a new one.")
     if parts.ema is not None:
         shadow = checkpoint.weights["ema"]
         if shadow is not None:

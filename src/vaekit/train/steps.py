@@ -7,25 +7,40 @@ Correctness rules kept here (each has a test):
 """
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from vaekit.train import losses
+from vaekit.train.regularizers import Plan
+
+
+class TrainingOutputs(NamedTuple):
+    """What one training forward returns."""
+
+    recon: torch.Tensor  # (B, 3, H', W') decode of z, or of the plan's EQ-VAE transform of z
+    mean: torch.Tensor  # (B, C, h, w) posterior mean
+    logvar: torch.Tensor  # (B, C, h, w) posterior log-variance
+    extras: list  # decodes of the extra (scale-equivariance) transforms of z
+    projected: torch.Tensor | None  # (B, D, h, w) the alignment projection of z, when the run aligns latents
 
 
 class AutoencoderForTraining(nn.Module):
     """Encode, sample and decode in one forward, so the prepared (DDP) module sees every trainable use.
 
     diffusers' AutoencoderKL.forward returns only the reconstruction; the KL term also needs the
-    posterior, and calling `vae.encode` on the unwrapped model would bypass DDP's gradient sync.
+    posterior, and calling `vae.encode` on the unwrapped model would bypass DDP's gradient sync. For
+    the same reason the decodes of transformed latents and the alignment projection (a submodule,
+    `projection`) happen inside this forward.
     """
 
-    def __init__(self, vae, freeze_encoder=False, sample_posterior=True):
+    def __init__(self, vae, freeze_encoder=False, sample_posterior=True, projection=None):
         super().__init__()
         self.vae = vae
         self.freeze_encoder = freeze_encoder
         self.sample_posterior = sample_posterior
+        self.projection = projection
         if freeze_encoder:
             self.encoder_modules().requires_grad_(False)
 
@@ -41,12 +56,18 @@ class AutoencoderForTraining(nn.Module):
             self.encoder_modules().eval()
         return self
 
-    def forward(self, x, generator=None):
-        """(B, 3, H, W) images -> (reconstruction, posterior mean, posterior logvar)."""
+    def forward(self, x, generator=None, transform=None, extra=()):
+        """(B, 3, H, W) images -> TrainingOutputs; `transform` replaces the plain decode, `extra` adds decodes.
+
+        Both are vaekit.train.regularizers.LatentTransform objects applied to z.
+        """
         with torch.no_grad() if self.freeze_encoder else contextlib.nullcontext():
             posterior = self.vae.encode(x).latent_dist
         z = posterior.sample(generator=generator) if self.sample_posterior else posterior.mean
-        return self.vae.decode(z).sample, posterior.mean, posterior.logvar
+        recon = self.vae.decode(transform.latents(z) if transform is not None else z).sample
+        extras = [self.vae.decode(t.latents(z)).sample for t in extra]
+        projected = self.projection(z) if self.projection is not None else None
+        return TrainingOutputs(recon, posterior.mean, posterior.logvar, extras, projected)
 
 
 @contextlib.contextmanager
@@ -66,26 +87,34 @@ def frozen(module):
 
 
 def generator_step(accelerator, model, x, *, loss_cfg, disc_cfg, kl_weight, perceptual=None, disc=None,
-                   last_layer=None, generator=None, scale=1.0):
-    """VAE loss on one micro-batch and its backward; returns (detached reconstruction, float logs).
+                   last_layer=None, generator=None, scale=1.0, regularizer=None, rng=None):
+    """VAE loss on one micro-batch and its backward; returns (real images, detached reconstruction, float logs).
 
     `model` is the prepared AutoencoderForTraining. `disc`, when given, is the *unwrapped*
     discriminator: its parameters are frozen for this step, so the adversarial term sends gradients
     only to the VAE, and no DDP reducer waits for discriminator gradients. `scale` divides the loss
-    for gradient accumulation.
+    for gradient accumulation. `regularizer` (vaekit.train.regularizers) draws this micro-batch's
+    transforms from `rng` and adds its terms; the real images returned are what the reconstruction
+    was scored against (x, or its EQ-VAE transform), for the discriminator.
     """
+    plan = regularizer.plan(rng, regularizer.latent_grid(x)) if regularizer is not None else Plan()
     with accelerator.autocast():
-        recon, mean, logvar = model(x, generator=generator)
-        rec = losses.reconstruction_loss(recon.float(), x.float(), loss_cfg.reconstruction)
+        out = model(x, generator=generator, transform=plan.replace, extra=plan.extra)
+        real = plan.replace.images(x, regularizer.factor) if plan.replace is not None else x
+        recon = out.recon
+        rec = losses.reconstruction_loss(recon.float(), real.float(), loss_cfg.reconstruction)
         nll = rec
         logs = {"rec": rec.detach()}
         if perceptual is not None and loss_cfg.perceptual_weight > 0:
-            p = perceptual(recon, x)
+            p = perceptual(recon, real)
             nll = nll + loss_cfg.perceptual_weight * p
             logs["lpips"] = p.detach()
-        kl = losses.kl_loss(mean, logvar, loss_cfg.free_bits)
+        kl = losses.kl_loss(out.mean, out.logvar, loss_cfg.free_bits)
         loss = nll + kl_weight * kl
         logs["kl"] = kl.detach()
+        if regularizer is not None:
+            logs["eq"] = torch.tensor(float(plan.replace is not None))
+            loss = loss + regularizer.loss(out, x, plan, nll, perceptual, logs)
         if disc is not None:
             with frozen(disc):
                 g = losses.generator_loss(disc(recon), disc_cfg.loss)
@@ -98,7 +127,7 @@ def generator_step(accelerator, model, x, *, loss_cfg, disc_cfg, kl_weight, perc
             logs["g"], logs["g_weight"] = g.detach(), weight.detach()
         logs["loss"] = loss.detach()
     accelerator.backward(loss * scale)
-    return recon.detach(), logs
+    return real.detach(), recon.detach(), logs
 
 
 def discriminator_step(accelerator, disc, x, recon, *, disc_cfg, scale=1.0):
