@@ -754,9 +754,9 @@ def prepare_train(workload, base, args, device, dtype):
         disc.load_state_dict(disc_state)
         return vae, disc.to(device), copy.deepcopy(perceptual)
 
-    vae, disc, lp = fresh_parts()
-    flops = count_flops(lambda: build_plain_step(vae, disc, lp, device, dtype, recipe)(x, 0))
-    del vae, disc, lp
+    step = build_plain_step(*fresh_parts(), device, dtype, recipe)
+    flops = count_flops(lambda: step(x, 0))
+    step = None  # frees the parts before the timed runs build their own
     free_memory(device)
     return TrainSetup(workload, x, reference, gate_n, flops, recipe, fresh_parts, source)
 

@@ -959,7 +959,7 @@ class BulkRunner:
         return self.encoder_alone() if row["family"] == "eager" else self.end_to_end()
 
     def encoder_alone(self):
-        torch, bench, ctx = self.ctx.torch, self.ctx.bench, self.ctx
+        bench, ctx = self.ctx.bench, self.ctx
         from vaekit.codec.inference import BulkEncoder
         from vaekit.device import resolve_compute_dtype
 

@@ -109,7 +109,7 @@ def write_wheel(folder, name, version, requires=()):
     """A minimal pure-Python wheel: one module and its dist-info."""
     module = name.replace("-", "_")
     path = folder / f"{module}-{version}-py3-none-any.whl"
-    meta = [f"Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}", *[f"Requires-Dist: {r}" for r in requires]]
+    meta = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}", *[f"Requires-Dist: {r}" for r in requires]]
     with zipfile.ZipFile(path, "w") as z:
         z.writestr(f"{module}/__init__.py", f"VERSION = {version!r}\n")
         z.writestr(f"{module}-{version}.dist-info/METADATA", "\n".join(meta) + "\n")
