@@ -18,7 +18,7 @@ from imagegen import BAD_REASONS, make_photo, write_bad_images, write_odd_images
 from vaekit import cli
 from vaekit.data import nearest_bucket
 from vaekit.cache.dataset import LatentDataset, load_latents
-from vaekit.cache.format import current_entries, read_manifests
+from vaekit.cache.format import cache_entries, list_units, read_unit_meta
 
 torch.set_num_threads(1)
 
@@ -64,17 +64,22 @@ def subprocess_env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def manifest_keys(out):
-    """(key, flip) of every manifest line, duplicates kept."""
-    return [(e["key"], e["flip"]) for e in read_manifests(out)]
+def sample_keys(out):
+    """(key, flip) of every stored sample."""
+    return [(e["key"], e["flip"]) for e in cache_entries(out)]
 
 
 def stored(out, dtype=torch.float32):
-    """{(key, flip): (mean, logvar)} of the cache's current entries."""
-    result = {}
-    for entry in current_entries(read_manifests(out)):
-        result[(entry["key"], entry["flip"])] = load_latents(out, entry["key"], entry["flip"])
-    return result
+    """{(key, flip): (mean, logvar)} of the cache's samples."""
+    return {(e["key"], e["flip"]): load_latents(out, e["key"], e["flip"]) for e in cache_entries(out)}
+
+
+def latent_shape(out, entry):
+    """The (C, h, w) shape of an entry's stored latents."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(out) / entry["part"]), framework="pt") as f:
+        return list(f.get_slice(f"mean/{entry['group']}").get_shape()[1:])
 
 
 def assert_latents_match(a, b):
@@ -89,19 +94,26 @@ def assert_latents_match(a, b):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
-def assert_shards_whole(out):
-    """Every shard file is readable, named by a manifest, and holds as many samples as its manifest lines."""
+def assert_units_whole(out):
+    """Every part file is named by exactly one unit index and holds as many samples as the index points to;
+    nothing of a run in progress (staging folders, locks, temporaries) is left."""
     from safetensors import safe_open
 
-    entries = read_manifests(out)
-    named = {e["shard"] for e in entries}
-    files = {f"shards/{p.name}" for p in (Path(out) / "shards").iterdir()}
-    assert files == named, "every shard file is in a manifest and every manifest shard exists"
-    for shard in files:
-        with safe_open(str(Path(out) / shard), framework="pt") as f:
+    units = Path(out) / "units"
+    named = {}
+    for unit, path in list_units(out).items():
+        for part in read_unit_meta(path)["parts"]:
+            named[part] = unit
+    parts = {p.name for p in units.iterdir() if p.suffix == ".safetensors"}
+    assert parts == set(named), "every part is named by its unit's index and every named part exists"
+    assert not [p for p in units.iterdir() if p.name.startswith(".")], "no staging folders or temporaries"
+    assert not list((Path(out) / "locks").iterdir()), "no locks left"
+    entries = cache_entries(out)
+    for part in parts:
+        with safe_open(str(units / part), framework="pt") as f:
             count = int(f.metadata()["count"])
             rows = sum(f.get_slice(name).get_shape()[0] for name in f.keys() if name.startswith("mean/"))
-        assert count == rows == sum(1 for e in entries if e["shard"] == shard)
+        assert count == rows == sum(1 for e in entries if e["part"] == f"units/{part}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,7 +130,7 @@ def test_bad_and_odd_images_each_encoded_or_listed_with_reason(tmp_path, vae_dir
 
     assert encode(vae_dir, data, out, "--min_size", 16, "--num_workers", 2, "--batch_size", 4, "--shard_size", 6) == 0
 
-    entries = read_manifests(out)
+    entries = cache_entries(out)
     assert sorted(e["key"] for e in entries) == sorted(good + list(odd)), "exactly the good images, once each"
     errors = {e["key"]: e for e in map(json.loads, (out / "errors.jsonl").read_text().splitlines())}
     assert set(errors) == set(bad) | {"tiny_icon.png"}
@@ -129,9 +141,9 @@ def test_bad_and_odd_images_each_encoded_or_listed_with_reason(tmp_path, vae_dir
     by_key = {e["key"]: e for e in entries}
     assert by_key["exif_rotated.jpg"]["original_size"] == [24, 40], "EXIF orientation applied before cropping"
     for entry in entries:
-        assert entry["latent_shape"] == [4, 4, 4] and entry["bucket"] == [32, 32]
+        assert latent_shape(out, entry) == [4, 4, 4] and entry["bucket"] == [32, 32]
         assert len(entry["sha256"]) == 64 and entry["flip"] is False
-    assert_shards_whole(out)
+    assert_units_whole(out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["encoded"] == len(entries) and summary["errors"] == len(errors)
 
@@ -156,7 +168,7 @@ def test_non_finite_latent_is_reported_and_not_written(tmp_path, vae_dir, monkey
     out = tmp_path / "cache"
     assert encode(vae_dir, data, out, "--flip", "--batch_size", 3, "--num_workers", 0) == 0
 
-    keys = manifest_keys(out)
+    keys = sample_keys(out)
     assert (names[1], False) not in keys and (names[1], True) not in keys, "both variants of the image dropped"
     assert sorted(keys) == sorted((n, f) for n in names if n != names[1] for f in (False, True))
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
@@ -164,8 +176,8 @@ def test_non_finite_latent_is_reported_and_not_written(tmp_path, vae_dir, monkey
                        "detail": None}]
     monkeypatch.setattr(inference, "encode", real)
     assert encode(vae_dir, data, out, "--flip", "--batch_size", 3, "--num_workers", 0) == 0
-    assert (names[1], False) in manifest_keys(out) and (names[1], True) in manifest_keys(out), "retried next run"
-    assert len(manifest_keys(out)) == 12
+    assert (names[1], False) in sample_keys(out) and (names[1], True) in sample_keys(out), "retried next run"
+    assert len(sample_keys(out)) == 12
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,62 +187,67 @@ def test_non_finite_latent_is_reported_and_not_written(tmp_path, vae_dir, monkey
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, vae_dir):
     data = tmp_path / "images"
     names = write_photos(data, 24, size=(80, 64))
-    options = ("--batch_size", 2, "--shard_size", 2, "--num_workers", 0, "--dtype", "fp32", "--flip")
+    options = ("--batch_size", 2, "--unit_size", 4, "--shard_size", 3, "--num_workers", 0, "--dtype", "fp32", "--flip")
     reference = tmp_path / "reference"
     assert encode(vae_dir, data, reference, *options, resolution=64) == 0
 
     out = tmp_path / "cache"
     process = subprocess.Popen(encode_command(vae_dir, data, out, *options, resolution=64), env=subprocess_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    manifest = out / "manifest-000.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
-        if manifest.is_file() and manifest.read_text().count("\n") >= 4:  # two shards in place
+        if len(list_units(out)) >= 2:  # two units in place, the third under way
             break
         time.sleep(0.002)
     assert process.poll() is None, f"the run ended before it could be killed: {process.stderr.read().decode()}"
     process.send_signal(signal.SIGKILL)
     process.wait()
-    written = len(read_manifests(out))
-    assert 4 <= written < 48, "killed partway"
+    done = {unit: read_unit_meta(path)["token"] for unit, path in list_units(out).items()}
+    assert 2 <= len(done) < 6, "killed partway"
 
     assert encode(vae_dir, data, out, *options, resolution=64) == 0
-    keys = manifest_keys(out)
+    keys = sample_keys(out)
     assert len(keys) == len(set(keys)) == 48, "every image (and its mirror) exactly once"
     assert {k for k, _ in keys} == set(names)
-    assert_shards_whole(out)
+    assert_units_whole(out)
     assert_latents_match(stored(out), stored(reference))
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["skipped_unchanged"] == written // 2 and summary["encoded"] == 24 - written // 2
+    assert summary["units_unchanged"] == len(done) and summary["encoded"] == 24 - 4 * len(done)
+    after = {unit: read_unit_meta(path)["token"] for unit, path in list_units(out).items()}
+    assert all(after[unit] == token for unit, token in done.items()), "finished units were not redone"
 
 
-def test_recovery_removes_orphans_torn_lines_and_incomplete_shards(tmp_path, vae_dir):
+def test_recovery_removes_what_a_kill_leaves(tmp_path, vae_dir):
+    from vaekit.cache.format import index_path, lock_path, staging_dir
+
     data = tmp_path / "images"
     names = write_photos(data, 8)
     out = tmp_path / "cache"
-    assert encode(vae_dir, data, out, "--batch_size", 2, "--shard_size", 2, "--num_workers", 0, "--dtype", "fp32") == 0
+    options = ("--batch_size", 2, "--unit_size", 2, "--num_workers", 0, "--dtype", "fp32")
+    assert encode(vae_dir, data, out, *options) == 0
     reference = stored(out)
-    manifest = out / "manifest-000.jsonl"
-    lines = manifest.read_text().splitlines(keepends=True)
-    assert len(lines) == 8
-    shards = out / "shards"
-    # What a kill can leave: a shard renamed into place but not yet in the manifest, a half-written
-    # temporary file, a shard whose manifest lines were cut short, and a torn last line.
-    shutil.copy(shards / "shard-000-00000.safetensors", shards / "shard-000-00007.safetensors")
-    (shards / ".shard-000-00008.safetensors.x1y2.tmp").write_bytes(b"\0" * 100)
-    incomplete = json.loads(lines[2])["shard"]
-    kept = [line for line in lines if json.loads(line)["shard"] != incomplete]
-    manifest.write_text("".join(kept + [lines[2]]) + lines[3][:25])
+    units = out / "units"
+    part = read_unit_meta(index_path(out, 1))["parts"][0]
+    # What kills can leave: a unit whose parts are in place but whose index is not (killed before the
+    # index rename), a part of a later run that no index names, a staging folder with the temporary
+    # files of safetensors and of our atomic writes, and the lock of a process that is gone.
+    index_path(out, 1).unlink()
+    shutil.copy(units / part, units / part.replace(part.split(".")[2], "ffffffffffffffff0000"))
+    staging = staging_dir(out, 2)
+    staging.mkdir()
+    (staging / ".tmpAb12Cd").write_bytes(b"\0" * 100)
+    (staging / ".u-00000002.p000.x.safetensors.k2j3.tmp").write_bytes(b"\0" * 10)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock_path(out, 1).write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": dead.pid,
+                                             "started": 0}))
 
-    assert encode(vae_dir, data, out, "--batch_size", 2, "--shard_size", 2, "--num_workers", 0, "--dtype", "fp32") == 0
-    keys = manifest_keys(out)
-    assert sorted(keys) == sorted((n, False) for n in names), "each image exactly once"
-    assert not (out / incomplete).exists() and not (shards / "shard-000-00007.safetensors").exists()
-    assert not list(shards.glob(".*.tmp"))
-    assert_shards_whole(out)
+    assert encode(vae_dir, data, out, *options) == 0
+    assert sorted(sample_keys(out)) == sorted((n, False) for n in names), "each image exactly once"
+    assert_units_whole(out)
     assert_latents_match(stored(out), reference)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["encoded"] == 2 and summary["skipped_unchanged"] == 6
+    assert summary["encoded"] == 2 and summary["units_unchanged"] == 3 and summary["units_encoded"] == 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,18 +258,17 @@ def test_two_cpu_processes_match_one(tmp_path, vae_dir):
     data = tmp_path / "images"
     names = write_photos(data, 12)
     single = tmp_path / "single"
-    assert encode(vae_dir, data, single, "--batch_size", 4, "--num_workers", 0, "--dtype", "fp32") == 0
+    options = ("--batch_size", 4, "--unit_size", 3, "--num_workers", 0, "--dtype", "fp32")
+    assert encode(vae_dir, data, single, *options) == 0
     double = tmp_path / "double"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               *encode_command(vae_dir, data, double, "--batch_size", 4, "--num_workers", 0, "--dtype", "fp32")[1:]]
+               *encode_command(vae_dir, data, double, *options)[1:]]
     result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    rank_keys = [{e["key"] for e in json.loads(f"[{','.join(p.read_text().splitlines())}]")}
-                 for p in sorted(double.glob("manifest-*.jsonl"))]
-    assert len(rank_keys) == 2 and rank_keys[0] and rank_keys[1], "both ranks wrote"
-    assert not rank_keys[0] & rank_keys[1], "disjoint parts"
-    assert rank_keys[0] | rank_keys[1] == set(names)
+    records = [json.loads(p.read_text()) for p in sorted((double / "runs").glob("*/rank-*.json"))]
+    assert [r["counters"]["units_encoded"] for r in records] == [2, 2], "each rank encoded its two units"
+    assert sorted(sample_keys(double)) == sorted((n, False) for n in names)
     assert_latents_match(stored(double), stored(single))
     summary = json.loads((double / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["encoded"] == 12
@@ -289,9 +305,9 @@ def test_changed_vae_or_size_policy_is_a_different_cache(tmp_path, vae_dir, othe
     assert encode(other_vae_dir, data, out, *fast, "--overwrite", resolution=64) == 0
     new_card = json.loads((out / "card.json").read_text())
     assert new_card["key"]["vae_fingerprint"] != card["key"]["vae_fingerprint"]
-    entries = read_manifests(out)
-    assert len(entries) == 3 and all(e["latent_shape"] == [4, 8, 8] and e["run"] == 1 for e in entries)
-    assert_shards_whole(out)
+    entries = cache_entries(out)
+    assert len(entries) == 3 and all(latent_shape(out, e) == [4, 8, 8] for e in entries)
+    assert_units_whole(out)
 
 
 def test_not_a_cache_folder_is_refused(tmp_path, vae_dir, capsys):
@@ -310,35 +326,35 @@ def test_not_a_cache_folder_is_refused(tmp_path, vae_dir, capsys):
 # Incremental runs, buckets, other sources
 
 
-def test_rerun_encodes_only_new_and_changed_images(tmp_path, vae_dir):
+def test_rerun_encodes_only_units_whose_images_changed(tmp_path, vae_dir):
     from vaekit.data import decode_image, resize_center_crop, to_tensor
     from vaekit.model import load_vae
 
     data = tmp_path / "images"
-    names = write_photos(data, 5)
+    names = write_photos(data, 5)  # units of two: [0, 1] [2, 3] [4]
     out = tmp_path / "cache"
-    fast = ("--num_workers", 0, "--dtype", "fp32")
+    fast = ("--num_workers", 0, "--dtype", "fp32", "--unit_size", 2)
     assert encode(vae_dir, data, out, *fast) == 0
     before = stored(out)
 
     make_photo(48, 40, seed=123).save(data / names[0])  # changed bytes, same key
-    make_photo(48, 40, seed=124).save(data / "photo_new.png")
+    make_photo(48, 40, seed=124).save(data / "photo_new.png")  # sorts last: the third unit becomes [new]
     (data / names[4]).unlink()
     assert encode(vae_dir, data, out, *fast) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["encoded"], summary["skipped_unchanged"]) == (2, 3)
-    assert summary["superseded_samples"] == 1 and summary["cache_images_not_in_source"] == 1
+    assert (summary["units_encoded"], summary["units_unchanged"], summary["encoded"]) == (2, 1, 3)
 
     after = stored(out)
     for name in names[1:4]:
         assert torch.equal(after[(name, False)][0], before[(name, False)][0]), "untouched images kept"
-    assert not torch.allclose(after[(names[0], False)][0], before[(names[0], False)][0]), "the newest entry wins"
+    assert not torch.allclose(after[(names[0], False)][0], before[(names[0], False)][0]), "the changed file re-encoded"
     vae = load_vae(vae_dir)
     img, _ = resize_center_crop(decode_image(data / names[0]), 32)
     with torch.no_grad():
         expected = vae.encode(to_tensor(img)[None]).latent_dist.mean[0]
     torch.testing.assert_close(after[(names[0], False)][0], expected, rtol=1e-5, atol=1e-5)
-    assert LatentDataset(out).keys == sorted([*names, "photo_new.png"])
+    assert LatentDataset(out).keys == [*names[:4], "photo_new.png"], "the removed image is gone"
+    assert_units_whole(out)
 
 
 def test_buckets_group_shapes_and_record_crops(tmp_path, vae_dir):
@@ -359,20 +375,20 @@ def test_buckets_group_shapes_and_record_crops(tmp_path, vae_dir):
     buckets = make_buckets(64 * 64, 0.5, 2.0, 16)
     card = json.loads((out / "card.json").read_text())
     assert card["key"]["size_policy"]["buckets"] == [list(b) for b in buckets]
-    entries = {e["key"]: e for e in read_manifests(out)}
+    entries = {e["key"]: e for e in cache_entries(out)}
     assert set(entries) == set(sizes)
     for name, size in sizes.items():
         entry = entries[name]
         bucket = nearest_bucket(*size, buckets)
         _, crop = resize_crop_to_bucket(make_photo(*size, seed=list(sizes).index(name)), bucket)
         assert entry["bucket"] == list(bucket) and entry["group"] == f"{bucket[0]}x{bucket[1]}"
-        assert entry["latent_shape"] == [4, bucket[1] // 8, bucket[0] // 8]
+        assert latent_shape(out, entry) == [4, bucket[1] // 8, bucket[0] // 8]
         assert entry["original_size"] == list(size) and entry["crop_box"] == list(crop.box)
-        with safe_open(str(out / entry["shard"]), framework="pt") as f:
+        with safe_open(str(out / entry["part"]), framework="pt") as f:
             group = f.get_tensor(f"mean/{entry['group']}")
-        assert tuple(group.shape[1:]) == tuple(entry["latent_shape"])
+        assert group.shape[0] >= 1
     assert len({tuple(e["bucket"]) for e in entries.values()}) == 3, "wide, tall and square buckets"
-    assert_shards_whole(out)
+    assert_units_whole(out)
 
 
 def test_webdataset_shards_encode_with_their_keys(tmp_path, vae_dir):
@@ -388,7 +404,7 @@ def test_webdataset_shards_encode_with_their_keys(tmp_path, vae_dir):
             tar.addfile(info, io.BytesIO(buffer.getvalue()))
     out = tmp_path / "cache"
     assert encode(vae_dir, tar_path, out, "--num_workers", 0) == 0
-    entries = read_manifests(out)
+    entries = cache_entries(out)
     assert sorted(e["key"] for e in entries) == ["sample000", "sample001", "sample002"]
     assert all(e["path"] is None for e in entries)
 

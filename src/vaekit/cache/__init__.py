@@ -18,6 +18,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "collate_latents": "dataset",
     "load_latents": "dataset",
     "decode_samples": "dataset",
+    "LatentStream": "dataset",
     "LatentMoments": "stats",
     "latent_statistics": "stats",
     "suggest_normalization": "stats",

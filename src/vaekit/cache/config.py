@@ -38,14 +38,18 @@ class EncodeConfig:
     tile: str = "off"  # off, auto or a tile size in pixels (see vaekit.codec.tiling)
     batch_size: int = 16
     num_workers: int = 2  # DataLoader processes decoding and resizing
-    shard_size: int = 4096  # samples per shard (a batch is never split across shards)
+    shard_size: int = 4096  # samples per part file of a unit (an image and its mirror share a part)
+    unit_size: int = 4096  # images per unit of an indexed source (folder, data set); a WebDataset shard is one unit
+    lock_timeout: float = 600.0  # seconds without a heartbeat after which another host's unit lock is stale
     channels_last: bool = True  # faster convolutions on GPUs and on oneDNN CPUs
     compile: bool = False  # torch.compile the encoder
     overwrite: bool = False  # replace an existing cache whose key differs instead of refusing
 
     def __post_init__(self):
-        if self.resolution < 8 or self.batch_size < 1 or self.shard_size < 1 or self.num_workers < 0:
-            raise ValueError("resolution must be >= 8, batch_size and shard_size >= 1, num_workers >= 0")
+        if self.resolution < 8 or min(self.batch_size, self.shard_size, self.unit_size) < 1 or self.num_workers < 0:
+            raise ValueError("resolution must be >= 8, batch_size, shard_size and unit_size >= 1, num_workers >= 0")
+        if not self.lock_timeout > 0:
+            raise ValueError(f"lock_timeout must be a positive number of seconds, got {self.lock_timeout}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be at least 1, got {self.limit}")
         if len(self.background) != 3 or not all(0 <= int(c) <= 255 for c in self.background):

@@ -1,12 +1,23 @@
-"""Reading a latent cache for diffusion training: `LatentDataset`, same-shape batching, spot-check decodes."""
+"""Reading a latent cache for diffusion training: `LatentDataset` (random access), `LatentStream`
+(iterable, unit-shuffled), same-shape batching and spot-check decodes.
 
+Opening a cache reads its catalog (one small file) or, for a cache still being written, the schema
+of each unit index: time and memory grow with the number of units, not of images. Unit indices are
+memory-mapped Arrow files and latents memory-mapped safetensors parts, both opened on first use in
+each process (DataLoader workers included) and kept in small LRU caches, so a data set of 10^8
+images costs what the pages touched cost.
+"""
+
+import collections
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
-from vaekit.cache.format import ShardReader, current_entries, read_card, read_manifests
+from vaekit.cache.format import (INDEX_COLUMNS, bucket_codes, bucket_name, list_units, open_index, read_card,
+                                 read_catalog, read_unit_meta, require_version)
 from vaekit.data.crops import to_pil
 from vaekit.errors import VaekitError
 from vaekit.model.architecture import fingerprint
@@ -16,6 +27,86 @@ from vaekit.seeds import EpochSeeded, numpy_rng, torch_generator
 FLIP_MODES = ("random", "none", "all")
 
 
+class LRU(collections.OrderedDict):
+    """An OrderedDict that keeps the `size` most recently used entries (file handles, mapped tables)."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.size = size
+
+    def get_or(self, key, make):
+        """The value for `key`, made (and the oldest entry dropped) if absent."""
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = self[key] = make()
+        if len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+
+class CacheIndex:
+    """The units of a cache: row counts up front, each unit's index memory-mapped on first use."""
+
+    def __init__(self, cache_dir):
+        self.root = Path(cache_dir)
+        listing = list_units(self.root)
+        catalog = read_catalog(self.root)
+        if catalog is not None and {u for u, _ in catalog} == set(listing):
+            rows = dict(catalog)
+        else:  # a cache being written or cut short: each unit's schema says its row count
+            rows = {unit: int(read_unit_meta(path)["rows"]) for unit, path in listing.items()}
+        self.units = np.array(list(listing), dtype=np.int64)
+        self.paths = [listing[int(u)] for u in self.units]
+        self.starts = np.concatenate([[0], np.cumsum([rows[int(u)] for u in self.units], dtype=np.int64)])
+        self._open = LRU(128)
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getstate__(self):  # mapped files stay in their process; workers map their own
+        return {**self.__dict__, "_open": LRU(128)}
+
+    def locate(self, position):
+        """(unit slot, row) of a global image position."""
+        slot = int(np.searchsorted(self.starts, position, side="right")) - 1
+        return slot, int(position - self.starts[slot])
+
+    def unit(self, slot):
+        """(numpy columns, Arrow table, metadata) of the unit in `slot`; columns are zero-copy views."""
+        def load():
+            path = self.paths[slot]
+            table, meta = open_index(path), read_unit_meta(path)
+            columns = {name: table.column(name).to_numpy() for name in INDEX_COLUMNS[3:]}
+            return columns, table, meta
+        return self._open.get_or(slot, load)
+
+
+class PartReader:
+    """safetensors parts memory-mapped on first use, at most `size` open at once."""
+
+    def __init__(self, root, size=64):
+        self.root, self.size = Path(root), size
+        self._handles = LRU(size)
+
+    def __getstate__(self):
+        return {"root": self.root, "size": self.size, "_handles": LRU(self.size)}
+
+    def handle(self, part):
+        """The open handle of a part (file name in units/)."""
+        def load():
+            path = self.root / "units" / part
+            try:
+                return safe_open(str(path), framework="pt")
+            except Exception as e:  # missing file or corrupt header
+                raise VaekitError(f"Cannot read {path} ({e}); re-run `vaekit encode` to repair the cache.") from None
+        return self._handles.get_or(part, load)
+
+    def row(self, part, group, offset, kind="mean"):
+        """One sample's stored tensor (C, h, w) in the storage dtype."""
+        return self.handle(part).get_slice(f"{kind}/{group}")[offset:offset + 1][0]
+
+
 class LatentDataset(EpochSeeded, torch.utils.data.Dataset):
     """Cached latents as {"latents": (C, h, w) float32, "key", "flip", "bucket", "original_size", "crop_box", "path"}.
 
@@ -23,8 +114,9 @@ class LatentDataset(EpochSeeded, torch.utils.data.Dataset):
     stores it), else use the mean. normalize: apply the VAE's latent normalisation recorded in the
     card, (z - shift_factor) * scaling_factor, as diffusion models are trained on. flips, for caches
     encoded with --flip: "random" picks the plain or mirrored latents per item and epoch, "none" uses
-    the plain ones only, "all" makes every variant its own item. Randomness is seeded by (seed,
-    epoch, index): call `set_epoch`, or index with (index, epoch) pairs.
+    the plain ones only, "all" makes every variant its own item. keys: only these images, in this
+    order. Randomness is seeded by (seed, epoch, index): call `set_epoch`, or index with (index,
+    epoch) pairs (BucketBatchSampler does).
     """
 
     def __init__(self, cache_dir, sample=None, normalize=True, seed=0, flips="random", keys=None):
@@ -32,6 +124,7 @@ class LatentDataset(EpochSeeded, torch.utils.data.Dataset):
             raise VaekitError(f"flips must be one of {', '.join(FLIP_MODES)}, got {flips!r}.")
         self.cache_dir = Path(cache_dir)
         self.card = read_card(cache_dir)
+        require_version(self.card, cache_dir)
         key = self.card["key"]
         self.store = key["store"]
         if sample is None:
@@ -40,48 +133,162 @@ class LatentDataset(EpochSeeded, torch.utils.data.Dataset):
             raise VaekitError(f"{cache_dir} stores only the posterior's mode (--store mode); pass sample=False.")
         self.sample, self.normalize, self.seed, self.epoch = bool(sample), bool(normalize), int(seed), 0
         self.scaling_factor, self.shift_factor = float(key["scaling_factor"]), float(key["shift_factor"] or 0.0)
-        entries = current_entries(read_manifests(cache_dir))
-        if flips == "all":
-            items = [[e] for e in entries]
-        else:
-            by_key = {}
-            for entry in entries:
-                if flips == "random" or not entry["flip"]:
-                    by_key.setdefault(entry["key"], []).append(entry)
-            items = list(by_key.values())
-        if keys is not None:
-            wanted = list(keys)
-            index = {}
-            for item in items:
-                index.setdefault(item[0]["key"], []).append(item)
-            missing = [k for k in wanted if k not in index]
-            if missing:
-                raise VaekitError(f"Key '{missing[0]}' is not in the cache {cache_dir} ({len(missing)} missing).")
-            items = [item for k in wanted for item in index[k]]
-        self.items = items
-        self.keys = [item[0]["key"] for item in items]
-        self.buckets = [tuple(item[0]["bucket"]) for item in items]
-        self.reader = ShardReader(self.cache_dir)
-
+        self.flips = flips
+        self.variants = 2 if flips == "all" and key.get("flip") else 1
+        self.index = CacheIndex(cache_dir)
+        self.selection = None if keys is None else self.positions_of(list(keys))
+        self.reader = PartReader(self.cache_dir)
 
     def __len__(self):
-        return len(self.items)
+        images = len(self.index) if self.selection is None else len(self.selection)
+        return images * self.variants
+
+    def positions_of(self, wanted):
+        """Global image positions of `wanted` keys, in that order (reads the key columns once)."""
+        import pyarrow as pa  # loaded only when selecting by key
+        import pyarrow.compute as pc
+
+        lookup = pa.array(wanted, pa.string())
+        found = {}
+        for slot in range(len(self.index.units)):
+            _, table, _ = self.index.unit(slot)
+            hits = pc.index_in(table.column("key"), value_set=lookup).fill_null(-1).to_numpy()
+            for row in np.flatnonzero(hits >= 0):
+                found.setdefault(wanted[int(hits[row])], int(self.index.starts[slot] + row))
+        missing = [k for k in wanted if k not in found]
+        if missing:
+            raise VaekitError(f"Key '{missing[0]}' is not in the cache {self.cache_dir} ({len(missing)} missing).")
+        return np.array([found[k] for k in wanted], dtype=np.int64)
+
+    def locate(self, index):
+        """(unit slot, row, variant) of item `index`."""
+        image, variant = divmod(index, self.variants)
+        position = image if self.selection is None else int(self.selection[image])
+        return (*self.index.locate(position), variant)
+
+    @property
+    def keys(self):
+        """Every item's key, in item order (O(items) memory: for small caches and checks)."""
+        return [self.field(i, "key") for i in range(len(self))]
+
+    @property
+    def buckets(self):
+        """(items, 2) int array of each item's bucket (W, H), for BucketBatchSampler."""
+        parts = []
+        for slot in range(len(self.index.units)):
+            columns, _, _ = self.index.unit(slot)
+            parts.append(np.stack([columns["bucket_w"], columns["bucket_h"]], axis=1))
+        every = np.concatenate(parts) if parts else np.zeros((0, 2), np.int32)
+        if self.selection is not None:
+            every = every[self.selection]
+        return np.repeat(every, self.variants, axis=0)
+
+    def stored(self, index, flip=False):
+        """The stored (mean, logvar or None) of item `index` (or its mirror), float32 (C, h, w), not normalised."""
+        slot, row, _ = self.locate(index)
+        columns, table, meta = self.index.unit(slot)
+        offset = int(columns["flip_offset"][row] if flip else columns["offset"][row])
+        if offset < 0:
+            raise VaekitError(f"'{table.column('key')[row].as_py()}' has no mirrored latents in {self.cache_dir}: "
+                              "it was encoded without --flip.")
+        part = meta["parts"][int(columns["part"][row])]
+        group = bucket_name(int(columns["bucket_w"][row]), int(columns["bucket_h"][row]))
+        mean = self.reader.row(part, group, offset, "mean").float()
+        logvar = self.reader.row(part, group, offset, "logvar").float() if self.store == "mean_logvar" else None
+        return mean, logvar
+
+    def field(self, index, name):
+        """One index column of item `index` (key, path, ...)."""
+        slot, row, _ = self.locate(index)
+        _, table, _ = self.index.unit(slot)
+        return table.column(name)[row].as_py()
 
     def __getitem__(self, index):
         index, epoch = self.index_and_epoch(index)
-        variants = self.items[index]
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} is outside this cache's {len(self)} items")
+        slot, row, variant = self.locate(index)
+        columns, table, meta = self.index.unit(slot)
         generator = torch_generator(self.seed, epoch, index)
-        entry = variants[int(torch.randint(len(variants), (1,), generator=generator))] if len(variants) > 1 \
-            else variants[0]
-        z = self.reader.row(entry, "mean").float()  # (C, h, w)
+        flip_offset = int(columns["flip_offset"][row])
+        if self.variants == 2:
+            flip = variant == 1
+        elif self.flips == "random" and flip_offset >= 0:
+            flip = bool(torch.randint(2, (1,), generator=generator))
+        else:
+            flip = False
+        offset = flip_offset if flip else int(columns["offset"][row])
+        part = meta["parts"][int(columns["part"][row])]
+        bucket = (int(columns["bucket_w"][row]), int(columns["bucket_h"][row]))
+        group = bucket_name(*bucket)
+        z = self.reader.row(part, group, offset, "mean").float()  # (C, h, w)
         if self.sample:
-            std = self.reader.row(entry, "logvar").float().mul(0.5).exp()
+            std = self.reader.row(part, group, offset, "logvar").float().mul(0.5).exp()
             z = z + std * torch.randn(z.shape, generator=generator)
         if self.normalize:
             z = (z - self.shift_factor) * self.scaling_factor
-        return {"latents": z, "key": entry["key"], "flip": bool(entry["flip"]), "bucket": tuple(entry["bucket"]),
-                "original_size": tuple(entry["original_size"]), "crop_box": tuple(entry["crop_box"]),
-                "path": entry.get("path")}
+        return {"latents": z, "key": table.column("key")[row].as_py(), "flip": flip, "bucket": bucket,
+                "original_size": (int(columns["original_w"][row]), int(columns["original_h"][row])),
+                "crop_box": tuple(int(columns[c][row]) for c in ("crop_left", "crop_top", "crop_right", "crop_bottom")),
+                "path": table.column("path")[row].as_py()}
+
+
+def distributed_rank_world(rank=None, world=None):
+    """(rank, world) given, else from torch.distributed when it is initialised, else (0, 1)."""
+    if rank is not None and world is not None:
+        return rank, world
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class LatentStream(EpochSeeded, torch.utils.data.IterableDataset):
+    """A cache read unit by unit: units shuffled per epoch, split by rank and DataLoader worker.
+
+    Each (rank, worker) reads whole units, its rows shuffled within the unit, so reads stay local
+    to one index and a few parts. With `batch_size`, yields same-bucket batches (collate_latents)
+    formed within each unit; else single items as LatentDataset gives them. Every item is read by
+    exactly one (rank, worker) per epoch; ranks may get different item counts (units differ in size),
+    so under DDP bound the steps per epoch, or use LatentDataset with BucketBatchSampler.
+    """
+
+    def __init__(self, cache_dir, batch_size=None, shuffle=True, seed=0, rank=None, world=None, drop_last=False,
+                 **dataset_options):
+        self.dataset = LatentDataset(cache_dir, seed=seed, **dataset_options)
+        if self.dataset.selection is not None:
+            raise VaekitError("LatentStream reads whole units; select keys with LatentDataset instead.")
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, int(seed), drop_last
+        self.rank, self.world = distributed_rank_world(rank, world)
+
+    def units_of(self, rank, worker=0, workers=1):
+        """The unit slots (rank, worker) reads this epoch."""
+        slots = np.arange(len(self.dataset.index.units))
+        if self.shuffle:
+            slots = slots[numpy_rng(self.seed, self.epoch).permutation(len(slots))]
+        return slots[rank::self.world][worker::workers]
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        variants, index = self.dataset.variants, self.dataset.index
+        for slot in self.units_of(self.rank, worker, workers):
+            start, stop = int(index.starts[slot]) * variants, int(index.starts[slot + 1]) * variants
+            items = np.arange(start, stop)
+            if self.shuffle:
+                items = items[numpy_rng(self.seed, self.epoch, int(slot)).permutation(len(items))]
+            if not self.batch_size:
+                for i in items:
+                    yield self.dataset[(int(i), self.epoch)]
+                continue
+            columns, _, _ = index.unit(slot)
+            codes = bucket_codes(np.stack([columns["bucket_w"], columns["bucket_h"]], axis=1))
+            codes = codes[(items - start) // variants]
+            for code in np.unique(codes):
+                same = items[codes == code]
+                for b in range(0, len(same), self.batch_size):
+                    batch = same[b:b + self.batch_size]
+                    if len(batch) == self.batch_size or not self.drop_last:
+                        yield collate_latents([self.dataset[(int(i), self.epoch)] for i in batch])
 
 
 def collate_latents(items):
@@ -99,32 +306,32 @@ def collate_latents(items):
 class BucketBatchSampler(EpochSeeded, torch.utils.data.Sampler):
     """Batches of indices whose items share a bucket (latent shape), shuffled per epoch.
 
-    `buckets` is a LatentDataset (its `.buckets`) or a list with one bucket per index. Under DDP pass
+    `buckets` is a LatentDataset (its `.buckets`) or one (W, H) bucket per index. Under DDP pass
     num_replicas and rank: every process gets the same number of batches, disjoint from the others.
+    Indices live in numpy arrays (8 bytes per item), not Python lists.
     """
 
     def __init__(self, buckets, batch_size, shuffle=True, drop_last=False, seed=0, num_replicas=1, rank=0):
-        self.buckets = list(getattr(buckets, "buckets", buckets))
+        buckets = getattr(buckets, "buckets", buckets)
         if batch_size < 1:
             raise VaekitError(f"batch_size must be at least 1, got {batch_size}.")
         if not 0 <= rank < num_replicas:
             raise VaekitError(f"rank {rank} is outside 0..{num_replicas - 1}.")
         self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
         self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
-        self.groups = {}
-        for index, bucket in enumerate(self.buckets):
-            self.groups.setdefault(tuple(bucket), []).append(index)
-
+        codes = bucket_codes(buckets) if len(buckets) else np.zeros(0, np.int64)
+        order = np.argsort(codes, kind="stable")
+        bounds = np.flatnonzero(np.diff(codes[order])) + 1
+        self.groups = np.split(order, bounds) if len(order) else []  # indices per bucket, ascending bucket code
 
     def _all_batches(self):
         rng = numpy_rng(self.seed, self.epoch)
         batches = []
-        for bucket in sorted(self.groups):
-            indices = np.array(self.groups[bucket])
+        for indices in self.groups:
             if self.shuffle:
                 indices = indices[rng.permutation(len(indices))]
             for start in range(0, len(indices), self.batch_size):
-                batch = indices[start:start + self.batch_size].tolist()
+                batch = indices[start:start + self.batch_size]
                 if len(batch) == self.batch_size or not self.drop_last:
                     batches.append(batch)
         if self.shuffle:
@@ -133,7 +340,8 @@ class BucketBatchSampler(EpochSeeded, torch.utils.data.Sampler):
         return batches[:usable]
 
     def __iter__(self):
-        yield from self._all_batches()[self.rank::self.num_replicas]
+        for batch in self._all_batches()[self.rank::self.num_replicas]:
+            yield batch.tolist()
 
     def __len__(self):
         return len(self._all_batches()) // self.num_replicas
@@ -141,18 +349,12 @@ class BucketBatchSampler(EpochSeeded, torch.utils.data.Sampler):
 
 def load_latents(cache_dir, key, flip=False):
     """The stored (mean, logvar or None) of one image, float32 (C, h, w), not normalised."""
-    entries = [e for e in current_entries(read_manifests(cache_dir)) if e["key"] == key and bool(e["flip"]) == flip]
-    if not entries:
-        raise VaekitError(f"Key '{key}' (flip={flip}) is not in the cache {cache_dir}.")
-    reader = ShardReader(cache_dir)
-    mean = reader.row(entries[0], "mean").float()
-    logvar = reader.row(entries[0], "logvar").float() if read_card(cache_dir)["key"]["store"] == "mean_logvar" else None
-    return mean, logvar
+    return LatentDataset(cache_dir, sample=False, normalize=False, flips="none", keys=[key]).stored(0, flip)
 
 
 @torch.inference_mode()
 def decode_samples(cache_dir, vae, keys=None, n=4, device=None):
-    """Decode the stored means of `keys` (or the first `n` keys) -> {key: RGB PIL image}, for spot checks."""
+    """Decode the stored means of `keys` (or the first `n` images) -> {key: RGB PIL image}, for spot checks."""
     card = read_card(cache_dir)
     channels = card.get("vae", {}).get("latent_channels")
     if channels is not None and channels != vae.config.latent_channels:

@@ -1,31 +1,34 @@
-"""Bulk encoding of an image source into a sharded, resumable latent cache (`vaekit encode`).
+"""Bulk encoding of an image source into a unit-granular, resumable latent cache (`vaekit encode`).
 
-Every process of `accelerate launch` / `torchrun` takes the images at positions rank, rank + world, ...
-of the deterministically ordered source and writes its own shards and manifest (vaekit.cache.format);
-images are decoded and resized in DataLoader workers, encoded on the device, and written by a
-background thread, so the three overlap.
+Every process of `accelerate launch` / `torchrun` owns the units u with u % world == rank (see
+vaekit.cache.units), skips those already done with the same signature, and encodes the rest:
+images are read, decoded and sized in DataLoader workers, encoded on the device, and written by a
+background thread, so the three overlap. Ranks meet twice at the start (a few bytes: the card is in
+place, every rank sees the same units) and never after: a rank that finishes early writes its
+record and exits, and the last rank to finish finalises the cache. So no rank waits, inside a
+collective with a timeout, for another's share of the work.
 """
 
-import contextlib
-import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from vaekit import __version__
-from vaekit.cache.format import (ShardWriter, cache_key, current_entries, done_samples, lock_cache,
-                                 open_cache, parse_manifest, read_manifests, recover_cache, shard_count, size_policy)
+from vaekit.cache.format import (FORMAT, FORMAT_VERSION, cache_key, clean_unit, index_path, invalidate_catalog,
+                                 UNIT_PART, UNIT_STAGING, list_units, lock_path, new_token, open_card, read_unit_meta, size_policy, unit_errors, write_catalog)
+from vaekit.cache.units import IndexedPlan, Preparer, ShardPlan, UnitStream
+from vaekit.cache.writer import UnitWriter
 from vaekit.codec.inference import BulkEncoder, tile_option
-from vaekit.data.crops import nearest_bucket, prepare_image
-from vaekit.data.decode import ImageError, decode_image
+from vaekit.data.shards import is_shard_file, looks_like_shards
 from vaekit.data.sources import open_source
 from vaekit.device import DTYPES, process_state, resolve_compute_dtype
 from vaekit.errors import VaekitError
-from vaekit.io import write_json, write_text
+from vaekit.io import atomic_path, ensure_folder, write_json
+from vaekit.locks import Heartbeat, describe_owner, release, try_lock
 from vaekit.model.architecture import downsample_factor, latent_channels, vae_config
 from vaekit.model.load import load_vae
 
@@ -38,107 +41,48 @@ def load_encoder_vae(config):
     return load_vae(config.vae, config.override, weights=config.weights, seed=0)
 
 
+def is_streamed(config):
+    """Whether `config.data` is read as streamed WebDataset shards (one unit per shard)."""
+    if config.source == "webdataset":
+        return True
+    if config.source != "auto":
+        return False
+    path = Path(config.data)
+    if path.is_file():
+        return is_shard_file(path)
+    if path.is_dir():
+        entries = [e for e in path.iterdir() if not e.name.startswith(".")]
+        return any(is_shard_file(e) for e in entries) and not (path / "state.json").is_file()
+    return looks_like_shards(config.data)
+
+
 def open_data(config):
-    """The image source of `config`, cut to `limit`."""
+    """The source of `config`, as units: (plan, Source or None)."""
+    if is_streamed(config):
+        if config.limit is not None:
+            raise VaekitError("--limit counts images of an indexed source; with WebDataset shards, pass fewer shards "
+                              "(a shorter brace range) instead.")
+        return ShardPlan(config.data, config.image_column)
     source = open_source(config.data, config.source, config.split, config.image_column, config.key_column)
     if config.limit is not None and config.limit < len(source):
         source = source.subset(range(config.limit))
-    return source
+    return IndexedPlan(source, config.unit_size)
 
 
-def share_from_main(state, value):
-    """`value` as computed on the main process, on every process."""
+def agree(state, status):
+    """Every process's `status` (a small dict), on every process."""
     if state.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast_object_list  # accelerate is slow to import; only several processes need it
+        return [status]
+    from accelerate.utils import gather_object  # accelerate is slow to import; only several processes need it
 
-    box = [value]
-    broadcast_object_list(box)
-    return box[0]
+    return gather_object([status])
 
 
-# ----------------------------------------------------------------------------------------------
-# Data: decode and resize in DataLoader workers
-
-
-class PreparedImages(torch.utils.data.Dataset):
-    """Items of a Source decoded, resized and cropped by the size policy, as uint8 tensors.
-
-    Each item is {"key", "path", "sha256", "pixels": (3, H, W) uint8, "bucket", "crop"}, or
-    {"key", "path", "error", "detail"} for an unusable image, or {"key", "skip": True} when the
-    cache already holds these exact bytes. uint8 crosses the process boundary and the PCIe bus at a
-    quarter of float32's size; the model step converts it exactly as `vaekit.data.to_tensor` does.
-    """
-
-    def __init__(self, source, policy, background=(255, 255, 255), max_pixels=None, done=None):
-        self.source = source
-        self.policy = policy
-        self.background = tuple(int(c) for c in background)
-        self.max_pixels = max_pixels
-        self.done = done or {}
-        self.buckets = [tuple(b) for b in policy["buckets"]] if policy["mode"] == "buckets" else None
-
-    def __len__(self):
-        return len(self.source)
-
-    def __getitem__(self, index):
-        record = self.source[index]
-        base = {"key": record.key, "path": record.path}
-        try:
-            data = record.read_bytes()
-        except ImageError as e:
-            return {**base, "error": e.reason, "detail": e.detail}
-        except FileNotFoundError:
-            return {**base, "error": "file not found", "detail": None}
-        except OSError as e:
-            return {**base, "error": "unreadable file", "detail": f"{type(e).__name__}: {e}"}
-        digest = hashlib.sha256(data).hexdigest()
-        if self.done.get(record.key) == digest:
-            return {"key": record.key, "skip": True}
-        try:
-            img = decode_image(data, background=self.background, max_pixels=self.max_pixels)
-            pixels, crop, bucket = prepare_pixels(img, self.policy, self.buckets, self.background)
-        except ImageError as e:
-            return {**base, "error": e.reason, "detail": e.detail}
-        return {**base, "sha256": digest, "pixels": pixels, "bucket": bucket, "crop": crop.to_dict()}
-
-
-def prepare_pixels(img, policy, buckets=None, background=(255, 255, 255)):
-    """A decoded RGB image as the encoder sees it -> ((3, H, W) uint8 tensor, Crop, [W, H] bucket)."""
-    if policy["mode"] == "buckets":
-        buckets = buckets or [tuple(b) for b in policy["buckets"]]
-        size = nearest_bucket(*img.size, buckets)
-    else:
-        size = (policy["resolution"], policy["resolution"])
-    img, crop = prepare_image(img, size, "center", small_images=policy["small_images"], min_size=policy["min_size"],
-                              background=background)
-    pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-    return pixels, crop, list(size)
-
-
-def collate_prepared(items):
-    """Group a chunk of prepared items by bucket -> {"groups": {"WxH": (pixels, metas)}, "errors", "skipped"}."""
-    groups, errors, skipped = {}, [], 0
-    for item in items:
-        if item.get("skip"):
-            skipped += 1
-        elif "error" in item:
-            errors.append({"key": item["key"], "path": item["path"], "reason": item["error"], "detail": item["detail"]})
-        else:
-            pixels, metas = groups.setdefault(f"{item['bucket'][0]}x{item['bucket'][1]}", ([], []))
-            pixels.append(item.pop("pixels"))
-            metas.append(item)
-    stacked = {name: (torch.stack(pixels), metas) for name, (pixels, metas) in groups.items()}  # (N, 3, H, W)
-    return {"groups": stacked, "errors": errors, "skipped": skipped}
-
-
-def make_loader(dataset, batch_size, num_workers, pin_memory):
-    """DataLoader over `dataset` in chunks of `batch_size` consecutive indices, grouped by shape in the workers."""
-    chunks = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=chunks, collate_fn=collate_prepared, num_workers=num_workers, pin_memory=pin_memory,
-        prefetch_factor=4 if num_workers else None,
-    )
+def raise_disagreement(statuses):
+    """One error on every process when any process failed to start, naming the first that did."""
+    for rank, status in enumerate(statuses):
+        if status.get("error"):
+            raise VaekitError(status["error"] if rank == 0 else f"Process {rank}: {status['error']}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,47 +90,137 @@ def make_loader(dataset, batch_size, num_workers, pin_memory):
 
 
 def stream_latents(encoder, chunks, config, counters, progress=None):
-    """Encode the chunks of a `make_loader` iterator; yield ("latents", metas, mean, logvar) and ("errors", entries).
+    """Encode the chunks of a UnitStream; yield writer messages ("latents" / "errors" / "end", unit, ...).
 
-    Only same-shape images share a batch: each bucket fills its own batch, flushed when full and at
-    the end. `mean`/`logvar` are on the encoder's device in the storage dtype; metas has one entry per
-    row (flipped rows after the originals, `flip` set).
+    Only same-shape images of one unit share a batch: each (unit, bucket) fills its own batch, flushed
+    when full and when the unit's last chunk has arrived. `mean`/`logvar` are on the encoder's device in
+    the storage dtype; with flips their rows are the images, then the mirrored images.
     """
     store_dtype = DTYPES[config.dtype]
     size = config.batch_size
-    pending = {}  # bucket -> (pixels (N, 3, H, W), metas) short of a full batch
+    pending = {}  # (unit, bucket) -> (pixels (N, 3, H, W), metas) short of a full batch
+    received, expected, failures = {}, {}, {}
 
-    def run(pixels, metas):
+    def run(unit, pixels, metas):
         mean, logvar = encoder(pixels, flip=config.flip)
-        rows = [{**m, "flip": False} for m in metas]
-        if config.flip:
-            rows += [{**m, "flip": True} for m in metas]
         counters["encoded"] += len(metas)
         logvar = logvar.to(store_dtype) if config.store == "mean_logvar" else None
-        return ("latents", rows, mean.to(store_dtype), logvar)
+        return ("latents", unit, metas, mean.to(store_dtype), logvar)
 
     for chunk in chunks:
+        unit = chunk["unit"]
         if chunk["errors"]:
             counters["errors"] += len(chunk["errors"])
-            yield ("errors", chunk["errors"])
-        counters["skipped"] += chunk["skipped"]
+            yield ("errors", unit, chunk["errors"])
         for name, (pixels, metas) in chunk["groups"].items():
-            if name in pending:  # join the bucket's leftovers; a whole chunk (the usual case) stays pinned
-                held, held_metas = pending.pop(name)
+            if (unit, name) in pending:  # join the bucket's leftovers; a whole chunk (the usual case) stays pinned
+                held, held_metas = pending.pop((unit, name))
                 pixels, metas = torch.cat([held, pixels]), held_metas + metas  # (N, 3, H, W)
             full = len(metas) // size * size
             for start in range(0, full, size):
-                yield run(pixels[start:start + size], metas[start:start + size])
+                yield run(unit, pixels[start:start + size], metas[start:start + size])
             if full < len(metas):
-                pending[name] = (pixels[full:], metas[full:])
+                pending[(unit, name)] = (pixels[full:], metas[full:])
+        received[unit] = received.get(unit, 0) + 1
+        if chunk["last"]:
+            expected[unit], failures[unit] = chunk["chunks"], chunk["failure"]
+        if received[unit] == expected.get(unit):
+            for slot in [s for s in pending if s[0] == unit]:
+                yield run(unit, *pending.pop(slot))
+            yield ("end", unit, failures.pop(unit))
         if progress is not None:
-            progress.update(sum(len(m) for _, m in chunk["groups"].values()) + len(chunk["errors"]) + chunk["skipped"])
-    for pixels, metas in pending.values():
-        yield run(pixels, metas)
+            progress.update(sum(len(m) for _, m in chunk["groups"].values()) + len(chunk["errors"]))
+
+
+def claim_units(out, plan, units, config, heartbeat):
+    """Take the lock of each unit to encode; returns (held units, [messages of units another process holds])."""
+    held, busy = [], []
+    for unit in units:
+        path = lock_path(out, unit)
+        if try_lock(path, config.lock_timeout):
+            heartbeat.add(path)
+            current = index_path(out, unit)
+            keep = set(read_unit_meta(current)["parts"]) if current.is_file() else set()
+            clean_unit(out, unit, keep)  # what a killed run left of this unit
+            held.append(unit)
+        else:
+            busy.append(f"{plan.label(unit)} is being encoded by {describe_owner(path)}")
+    return held, busy
+
+
+def units_to_encode(out, plan, mine):
+    """(units of `mine` that are missing or changed, done units that a killed run left files of, count unchanged).
+
+    One listing of units/ finds every unit's index, parts and staging folder.
+    """
+    done, found = list_units(out), {}
+    folder = Path(out) / "units"
+    for name in (os.listdir(folder) if folder.is_dir() else ()):
+        match = UNIT_PART.match(name) or UNIT_STAGING.match(name)
+        if match:
+            found.setdefault(int(match.group(1)), set()).add(name)
+    todo, dirty, unchanged = [], [], 0
+    for unit in mine:
+        if unit in done:
+            try:
+                meta = read_unit_meta(done[unit])
+                if meta.get("signature") == plan.signature(unit) and not meta.get("retry"):
+                    unchanged += 1
+                    if found.get(unit, set()) != set(meta["parts"]):
+                        dirty.append(unit)
+                    continue
+            except VaekitError:  # an unreadable index: redo the unit
+                pass
+        todo.append(unit)
+    return todo, dirty, unchanged
+
+
+def tidy_units(out, units, config):
+    """Remove leftovers of killed runs (staging folders, unnamed parts) from done units, under their locks."""
+    for unit in units:
+        path = lock_path(out, unit)
+        if try_lock(path, config.lock_timeout):
+            try:
+                clean_unit(out, unit, set(read_unit_meta(index_path(out, unit))["parts"]))
+            finally:
+                release(path)
+
+
+def start_cache(state, out, key, card, plan, overwrite):
+    """Open (or create) the cache on every process; all agree or all raise. Returns this run's token."""
+    status = {"error": None, "units": plan.count, "token": new_token()}
+    if state.is_main_process:
+        try:
+            open_card(out, key, card, overwrite, clear=True)
+            remove_units_beyond(out, plan.count)
+        except VaekitError as e:
+            status["error"] = str(e)
+    statuses = agree(state, status)  # the card is in place (or the main process failed) before the others look
+    raise_disagreement(statuses)
+    if not state.is_main_process:
+        try:
+            open_card(out, key, card, overwrite=False, clear=False)
+        except VaekitError as e:
+            status["error"] = f"{e} (this process loaded a different VAE or options than process 0?)"
+    if status["units"] != statuses[0]["units"]:
+        status["error"] = (f"this process sees {status['units']} units in --data, process 0 sees "
+                           f"{statuses[0]['units']}: every node must see the same data (same path, same files).")
+    raise_disagreement(agree(state, status))
+    return statuses[0]["token"]
+
+
+def remove_units_beyond(out, count):
+    """Drop units numbered `count` and above: the source shrank or was cut differently, so they are stale."""
+    for unit, path in list_units(out).items():
+        if unit >= count:
+            invalidate_catalog(out)
+            path.unlink()
+            clean_unit(out, unit, keep=())
 
 
 def encode_dataset(config, vae=None, progress=True):
-    """Encode `config.data` into the cache `config.out`; returns a summary dict (main process) or None.
+    """Encode `config.data` into the cache `config.out`; returns the summary dict on the process that
+    finalised the cache (the last to finish), None on the others.
 
     `vae` (moved to the device, dtype and memory format of the run) replaces loading `config.vae`.
     """
@@ -194,114 +228,139 @@ def encode_dataset(config, vae=None, progress=True):
         raise VaekitError("Pass --data SRC (the images) and --out DIR (the cache folder).")
     started = time.perf_counter()
     state = process_state()
-    rank, world, device, is_main = state.process_index, state.num_processes, state.device, state.is_main_process
+    rank, world, device = state.process_index, state.num_processes, state.device
     if vae is None:
         vae = load_encoder_vae(config)
     policy = size_policy(config, downsample_factor(vae))
     key = cache_key(config, vae, policy)  # before the dtype cast below: the fingerprint hashes dtypes
-    info = {"vae": {"source": config.vae, "override": list(config.override), "weights": config.weights,
+    plan = open_data(config)
+    card = {"format": FORMAT, "version": FORMAT_VERSION, "key": key,
+            "units": {"kind": plan.kind, "unit_size": getattr(plan, "unit_size", None), "source": plan.description},
+            "vae": {"source": config.vae, "override": list(config.override), "weights": config.weights,
                     "config": vae_config(vae), "downsample_factor": downsample_factor(vae),
                     "latent_channels": latent_channels(vae)},
             "vaekit_version": __version__}
-    source = open_data(config)
     out = Path(config.out)
     tile_option(vae, config.tile)
     # Built before the cache is touched and after the fingerprint (which hashes dtypes; the cast is here).
     encoder = BulkEncoder(vae, device, resolve_compute_dtype(config.compute_dtype, device), config.channels_last,
-                      config.compile, config.tile)
+                          config.compile, config.tile)
+    token = start_cache(state, out, key, card, plan, config.overwrite)
 
-    with contextlib.ExitStack() as stack:
-        setup, failure = None, None
-        if is_main:
-            try:
-                stack.enter_context(lock_cache(out))
-                open_cache(out, key, info, config.overwrite)
-                run, removed = recover_cache(out)
-                setup = {"run": run, "removed": removed, "fingerprint": key["vae_fingerprint"]}
-            except Exception as e:  # told to every process below, so none waits forever for the main one
-                setup, failure = {"error": str(e)}, e
-        setup = share_from_main(state, setup)
-        if failure is not None:
-            raise failure
-        if "error" in setup:
-            raise VaekitError(f"The main process failed to open the cache: {setup['error']}")
-        if setup["fingerprint"] != key["vae_fingerprint"]:
-            raise VaekitError(f"Process {rank} loaded a different VAE than process 0; load it from a file or folder.")
-        if is_main and any(setup["removed"].values()):
-            found = ", ".join(f"{n} {what}" for what, n in setup["removed"].items() if n)
-            print(f"recovered the cache after an interrupted run: removed {found}")
-
-        done = done_samples(out, config.flip)
-        part = source.subset(range(rank, len(source), world))
-        dataset = PreparedImages(part, policy, config.background, config.max_pixels, done)
-        counters = {"encoded": 0, "skipped": 0, "errors": 0}
-        writer = ShardWriter(out, rank, setup["run"], config.shard_size, config.store)
-        pin = device.type == "cuda"
-        chunks = iter(make_loader(dataset, config.batch_size, config.num_workers, pin))  # forks the workers
-        writer.start()  # threads only after the fork
-        bar = tqdm(total=len(part), unit="img", desc="encode", disable=not (progress and is_main), smoothing=0.1)
-        try:
-            for item in stream_latents(encoder, chunks, config, counters, bar):
-                writer.put(item)
-        finally:
-            bar.close()
-            writer.close()
-        counters["errors"] += writer.non_finite
-        counters["encoded"] -= writer.non_finite
-        totals = gather_counters(state, counters)
-        state.wait_for_everyone()
-        if not is_main:
-            return None
-        summary = finalize_cache(out, source, setup["run"], totals, time.perf_counter() - started, world)
+    todo, dirty, unchanged = units_to_encode(out, plan, range(rank, plan.count, world))
+    ensure_folder(out / "locks")
+    tidy_units(out, dirty, config)
+    heartbeat = Heartbeat(every=max(1.0, config.lock_timeout / 10))
+    held, busy = claim_units(out, plan, todo, config, heartbeat)
+    counters = {"encoded": 0, "errors": 0, "units_unchanged": unchanged}
+    writer = UnitWriter(out, token, config.shard_size, config.store, heartbeat)
+    try:
+        if held:
+            encode_units(encoder, plan, held, policy, config, device, writer, counters, progress and state.is_main_process)
+    finally:
+        heartbeat.close()
+        for unit in held:  # released by the writer as each unit ends; these are the units a failure cut short
+            release(lock_path(out, unit))
+    counters.update(writer.counts)
+    counters["errors"] += writer.counts["non_finite"]
+    counters["encoded"] -= writer.counts["non_finite"]
+    record = {"rank": rank, "world": world, "counters": counters, "failed": writer.failed, "busy": busy,
+              "seconds": time.perf_counter() - started}
+    summary = finish_run(out, plan, token, record)
+    if busy or writer.failed:
+        problems = [*busy, *(f"{f['label']}: {f['reason']} ({f['detail']})" for f in writer.failed)]
+        raise VaekitError(f"{len(problems)} unit(s) of this process were not encoded: {problems[0]}"
+                          + (f"; and {len(problems) - 1} more" if len(problems) > 1 else "")
+                          + ". Everything else is in the cache; run the same command again to finish them.")
     return summary
 
 
-def gather_counters(state, counters):
-    """Sum per-process counters."""
-    if state.num_processes == 1:
-        return dict(counters)
-    from accelerate.utils import gather_object  # only several processes need it
+def encode_units(encoder, plan, units, policy, config, device, writer, counters, show_progress):
+    """Run the DataLoader -> encoder -> writer pipeline over `units`."""
+    preparer = Preparer(policy, config.background, config.max_pixels)
+    stream = UnitStream(plan, units, preparer, config.batch_size)
+    jobs = len(units) if plan.kind == "shards" else sum(len(plan.chunks(u, config.batch_size)) for u in units)
+    workers = min(config.num_workers, jobs)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+    total = sum(len(plan.positions(u)) for u in units) if plan.kind == "indexed" else None
+    signatures = {unit: plan.signature(unit) for unit in units}
+    chunks = iter(loader)  # forks the workers
+    writer.start()  # threads only after the fork
+    bar = tqdm(total=total, unit="img", desc="encode", disable=not show_progress, smoothing=0.1)
+    try:
+        for item in stream_latents(encoder, chunks, config, counters, bar):
+            if item[0] == "end":
+                item = ("end", item[1], {"signature": signatures[item[1]], "label": plan.label(item[1]),
+                                         "failure": item[2]})
+            writer.put(item)
+    finally:
+        bar.close()
+        writer.close()
 
+
+# ----------------------------------------------------------------------------------------------
+# The end of a run: each rank's record; the last rank finalises
+
+
+def finish_run(out, plan, token, record):
+    """Write this rank's record; if it is the last of the run, finalise the cache and return the summary."""
+    runs = ensure_folder(Path(out) / "runs" / token)
+    write_json(runs / f"rank-{record['rank']:05d}.json", record)
+    records = sorted(runs.glob("rank-*.json"))
+    if len(records) < record["world"]:
+        return None
+    try:  # exactly one of the ranks that see every record finalises
+        (runs / "finalizing").open("x").close()
+    except FileExistsError:
+        return None
+    return finalize_cache(out, plan, token, [json.loads(p.read_text()) for p in records])
+
+
+def finalize_cache(out, plan, token, records):
+    """The catalog, the merged error list and summary.json of a finished run; returns the summary."""
+    units = []
+    for unit, path in list_units(out).items():
+        meta = read_unit_meta(path)
+        units.append((unit, int(meta["rows"]), meta["token"]))
+    write_catalog(out, units)
+    errors = 0
+    with atomic_path(Path(out) / "errors.jsonl") as tmp, open(tmp, "w", encoding="utf-8",
+                                                              errors="backslashreplace") as f:
+        lines = [*unit_errors(out), *(f for r in records for f in r["failed"]),
+                 *({"key": s["key"], "path": s["path"], "reason": s["reason"], "detail": None} for s in plan.skipped)]
+        for entry in lines:
+            f.write(json.dumps(entry) + "\n")
+            errors += 1
     totals = {}
-    for part in gather_object([counters]):
-        for name, value in part.items():
+    for record in records:
+        for name, value in record["counters"].items():
             totals[name] = totals.get(name, 0) + value
-    return totals
-
-
-def finalize_cache(out, source, run, counters, seconds, world):
-    """Check every manifest entry against its shard, merge the per-rank error lists, write summary.json."""
-    entries = read_manifests(out)
-    counts = {}
-    for entry in entries:
-        counts[entry["shard"]] = counts.get(entry["shard"], 0) + 1
-    for shard, count in counts.items():
-        if shard_count(out / shard) != count:
-            raise VaekitError(f"{out / shard} does not hold the {count} samples its manifest lists; re-run to repair.")
-    errors = []
-    for path in sorted(out.glob("errors-*.jsonl")):
-        errors.extend(parse_manifest(path)[0])
-        path.unlink()
-    errors.extend({"key": s["key"], "path": s["path"], "reason": s["reason"], "detail": None} for s in source.skipped)
-    errors.sort(key=lambda e: e["key"])
-    write_text(out / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
-    current = current_entries(entries)
-    keys = {e["key"] for e in current}
-    source_keys = set(source.keys())
+    seconds = max(r["seconds"] for r in records)
+    done = {unit for unit, _, _ in units}
     summary = {
-        "run": run,
-        "processes": world,
-        "images_in_source": len(source),
-        "encoded": counters["encoded"],
-        "skipped_unchanged": counters["skipped"],
-        "errors": len(errors),
+        "token": token,
+        "processes": len(records),
+        "source": plan.description,
+        "units_in_source": plan.count,
+        "units_encoded": totals.get("units_encoded", 0),
+        "units_unchanged": totals.get("units_unchanged", 0),
+        "units_failed": totals.get("units_failed", 0),
+        "units_busy": sum(len(r["busy"]) for r in records),
+        "units_missing": plan.count - len(done & set(range(plan.count))),
+        "images_in_source": len(plan.source) if plan.kind == "indexed" else None,
+        "encoded": totals.get("encoded", 0),
+        "errors": errors,
         "seconds": round(seconds, 2),
-        "images_per_second": round(counters["encoded"] / seconds, 2) if seconds > 0 else None,
-        "cache_images": len(keys),
-        "cache_samples": len(current),
-        "superseded_samples": len(entries) - len(current),
-        "cache_images_not_in_source": len(keys - source_keys),
-        "shards": len(counts),
+        "images_per_second": round(totals.get("encoded", 0) / seconds, 2) if seconds > 0 else None,
+        "cache_images": sum(rows for _, rows, _ in units),
+        "cache_units": len(units),
+        "parts": totals.get("parts", 0),
     }
-    write_json(out / "summary.json", summary)
+    write_json(Path(out) / "summary.json", summary)
+    for old in (Path(out) / "runs").iterdir():  # earlier runs' records; this run's stay as its trace
+        if old.name != token:
+            for path in old.iterdir():
+                path.unlink(missing_ok=True)
+            old.rmdir()
     return summary

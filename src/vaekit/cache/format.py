@@ -1,52 +1,92 @@
-"""The latent-cache format, both sides: what `vaekit encode` writes and what readers parse.
+"""The latent-cache format (version 2), both sides: what `vaekit encode` writes and what readers open.
 
-A cache is one folder:
+A cache is one folder; its unit of work, of resume and of listing is a *unit*: one input shard of a
+WebDataset, or one block of `unit_size` consecutive images of an indexed source (folder, Hugging
+Face data set). Unit u of a job belongs to rank u % world.
 
-    card.json                  the cache key: VAE fingerprint, scaling/shift, size policy, store, dtype, flip
-    shards/shard-RRR-SSSSS.safetensors
-                               a few thousand samples of rank RRR, one tensor per kind and bucket:
-                               `mean/{W}x{H}` and `logvar/{W}x{H}`, each (N, C, h, w); written atomically
-    manifest-RRR.jsonl         one line per sample: key, path, sha256, sizes, crop box, flip, bucket,
-                               latent shape, shard, offset, run; appended only once the shard is in place
-    errors.jsonl               the images the last run could not encode, with the reason
-    summary.json               what the last run did
+    card.json                          the cache key (VAE fingerprint, scaling/shift, size policy, store,
+                                       dtype, flip, tiling) and what the units are
+    units/u-UUUUUUUU.index.arrow       the unit's index, an Arrow IPC file with one row per image (key,
+                                       path, sha256, flip offset, bucket, sizes, crop box, part, offset);
+                                       its schema metadata holds the unit's signature, parts and errors.
+                                       Written last: a unit is done exactly when its index exists.
+    units/u-UUUUUUUU.pPPP.TOKEN.safetensors
+                                       the unit's latents, up to `shard_size` samples per part, one tensor
+                                       per kind and bucket: `mean/{W}x{H}`, `logvar/{W}x{H}`, (N, C, h, w)
+    units/.u-UUUUUUUU.staging/         where the unit's files are written before they are renamed in
+    locks/u-UUUUUUUU.lock              held by the process encoding the unit (host, pid, heartbeat)
+    runs/TOKEN/rank-RRRRR.json         what each rank of a run did; the last rank to finish finalises
+    catalog.arrow                      one row per unit (name, rows, token): opening a cache reads this
+                                       one file; it is removed whenever a unit changes
+    errors.jsonl, summary.json         what the last run could not encode, and what it did
 
-Crash safety: a shard is renamed into place whole, then its manifest lines are appended and fsynced.
-A run that starts (or resumes) first repairs what a kill can leave: torn manifest lines, shards that
-no manifest names, manifest lines whose shard is missing or incomplete. Incremental runs skip a key
-whose newest entry has the same sha256 of the source bytes; a changed file is encoded again and its
-new entry (higher `run`) wins in the reader, the old one stays in its shard unreferenced.
+Crash safety: parts and index are written in the unit's staging folder and renamed into place; the
+index is renamed last and names the parts (by TOKEN, unique per run), so an index never points at
+another run's parts. Whatever a kill leaves (staging folders, parts no index names, locks of dead
+processes) belongs to one unit and is removed by the next process that takes that unit. Resume is a
+listing of index files plus one cheap signature check per unit: no per-image work.
 """
 
 import contextlib
-import fcntl
 import json
-import queue
+import os
 import re
 import shutil
-import threading
+import tempfile
+import time
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
+import numpy as np
 
 from vaekit.data.crops import make_buckets
 from vaekit.errors import VaekitError
-from vaekit.io import append_lines, save_safetensors, write_json, write_text
+from vaekit.io import TEMPORARY_NAME, atomic_path, ensure_folder, storage_errors, umask_mode
 from vaekit.model.architecture import fingerprint, vae_config
 from vaekit.model.normalization import scale_shift
 
 
 FORMAT = "vaekit-latents"
 
-
-FORMAT_VERSION = 1
-
-
-SHARD_PATTERN = re.compile(r"^shard-(\d+)-(\d+)\.safetensors$")
-
+FORMAT_VERSION = 2
 
 NON_FINITE = "non-finite latent"
+
+UNIT_INDEX = re.compile(r"^u-(\d{8})\.index\.arrow$")
+
+UNIT_PART = re.compile(r"^u-(\d{8})\.p(\d{3,})\.([0-9a-f]+)\.safetensors$")
+
+UNIT_STAGING = re.compile(r"^\.u-(\d{8})\.staging$")
+
+# The index columns, one row per image. Sizes are (W, H) pairs as in Crop; `flip_offset` is the
+# row of the mirrored image's latents in the same part and group, -1 when the cache stores none.
+INDEX_COLUMNS = ("key", "path", "sha256", "part", "bucket_w", "bucket_h", "offset", "flip_offset",
+                 "original_w", "original_h", "resized_w", "resized_h",
+                 "crop_left", "crop_top", "crop_right", "crop_bottom")
+
+
+def unit_name(unit):
+    """u-00000012: the stem of every file of unit 12."""
+    return f"u-{unit:08d}"
+
+
+def index_path(out, unit):
+    """Where unit `unit`'s index lives."""
+    return Path(out) / "units" / f"{unit_name(unit)}.index.arrow"
+
+
+def staging_dir(out, unit):
+    """The folder a unit's files are written in before they are renamed into units/."""
+    return Path(out) / "units" / f".{unit_name(unit)}.staging"
+
+
+def lock_path(out, unit):
+    """The lock file of a unit."""
+    return Path(out) / "locks" / f"{unit_name(unit)}.lock"
+
+
+def new_token():
+    """A run token: unique per run, increasing with time (hex nanoseconds plus the pid)."""
+    return f"{time.time_ns():016x}{os.getpid() & 0xffff:04x}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,315 +162,298 @@ def describe_mismatch(old, new):
     return "; ".join(sorted(parts))
 
 
-@contextlib.contextmanager
-def lock_cache(out):
-    """Hold an exclusive lock on the cache folder, so two runs never write into it at once."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise VaekitError(f"Another vaekit encode is writing to {out}; wait for it to finish.") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+CACHE_ENTRIES = ("card.json", "units", "locks", "runs", "catalog.arrow", "errors.jsonl", "summary.json")
 
 
 def clear_cache(out):
-    """Remove the files of a cache (and only those) from `out`."""
-    shutil.rmtree(out / "shards", ignore_errors=True)
-    for pattern in ("card.json", "manifest-*.jsonl", "errors*.jsonl", "summary.json"):
-        for path in out.glob(pattern):
-            path.unlink()
+    """Remove the files of a cache (and only those) from `out`, the card last."""
+    for name in CACHE_ENTRIES[1:]:
+        path = Path(out) / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    (Path(out) / "card.json").unlink(missing_ok=True)
 
 
-def open_cache(out, key, info, overwrite=False):
-    """Create the cache's card, or check the existing one; a different key refuses unless `overwrite`."""
-    card_path = out / "card.json"
-    if card_path.is_file():
+def check_card(card, path, key, overwrite):
+    """Raise unless `card` (parsed) is a format-2 card with `key`; returns "same" or "replace" (with overwrite)."""
+    if card.get("format") != FORMAT:
+        raise VaekitError(f"{path} is no vaekit latent cache card; choose another --out.")
+    if card.get("version") == 1 and not overwrite:
+        raise VaekitError(f"{path.parent} is a latent cache of format 1; convert it with `vaekit cache migrate "
+                          f"{path.parent}` (fast: no images are read), or pass --overwrite to re-encode it.")
+    if card.get("version") != FORMAT_VERSION and not overwrite:
+        raise VaekitError(f"{path.parent} was written in cache format {card.get('version')}, this vaekit writes "
+                          f"{FORMAT_VERSION}; pass --overwrite to re-encode it, or choose another --out.")
+    if card.get("version") == FORMAT_VERSION and card.get("key") == key:
+        if card.get("units", {}).get("kind") == "migrated" and not overwrite:
+            raise VaekitError(f"{path.parent} was migrated from format 1: its units do not follow the source's "
+                              "split, so it cannot be extended in place. Encode into a new folder, or pass "
+                              "--overwrite to re-encode it.")
+        return "same"
+    if not overwrite:
+        raise VaekitError(
+            f"{path.parent} holds latents of another cache: {describe_mismatch(card.get('key', {}), key)}. Its "
+            "latents cannot be reused. Pass --overwrite to replace them, or choose another --out."
+        )
+    return "replace"
+
+
+def create_card(out, card):
+    """Put `card` in place as out/card.json unless one exists: atomic and lock-free, for ranks that race."""
+    path = Path(out) / "card.json"
+    with storage_errors(path):
+        fd, tmp = tempfile.mkstemp(prefix=".card.json.", suffix=".tmp", dir=out)
         try:
-            card = json.loads(card_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise VaekitError(f"{card_path} is unreadable ({e}); pass --overwrite to start a new cache.") from None
-        if card.get("format") != FORMAT:
-            raise VaekitError(f"{card_path} is no vaekit latent cache card; choose another --out.")
-        if card.get("version") != FORMAT_VERSION and not overwrite:
-            raise VaekitError(f"{out} was written in cache format {card.get('version')}, this vaekit writes "
-                              f"{FORMAT_VERSION}; pass --overwrite to re-encode it, or choose another --out.")
-        if card.get("key") == key:
-            return card
-        if not overwrite:
-            raise VaekitError(
-                f"{out} holds latents of another cache: {describe_mismatch(card.get('key', {}), key)}. Its latents "
-                f"cannot be reused. Pass --overwrite to replace them, or choose another --out."
-            )
-        clear_cache(out)
-    elif out.is_dir() and any(p.name != ".lock" for p in out.iterdir()):
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(card, indent=2) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, umask_mode(0o666))
+            os.link(tmp, path)  # fails if it exists: the first rank's card wins, complete or not at all
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+
+
+def open_card(out, key, card, overwrite=False, clear=True):
+    """Create the cache's card, or check the existing one; returns the card in place.
+
+    With `overwrite` a card with another key (or version) is replaced and the old cache's files removed
+    when `clear` (the main process), else the caller waits for that. A folder holding files that are no
+    cache is refused, so `--out` never silently mixes into unrelated data.
+    """
+    out = Path(out)
+    path = out / "card.json"
+    ensure_folder(out)
+    if path.is_file():
+        existing = read_card(out, hint="pass --overwrite to start a new cache")
+        if check_card(existing, path, key, overwrite) == "same":
+            return existing
+        if clear:
+            clear_cache(out)
+    elif any(p.name not in CACHE_ENTRIES and not TEMPORARY_NAME.match(p.name) for p in out.iterdir()):
         raise VaekitError(f"{out} exists and is not a latent cache (no card.json); choose an empty or new folder.")
-    card = {"format": FORMAT, "version": FORMAT_VERSION, "key": key, **info}
-    write_json(card_path, card)
-    return card
+    create_card(out, card)
+    return read_card(out)
 
 
-def read_card(cache_dir):
+def read_card(cache_dir, hint="re-create the cache with `vaekit encode --overwrite`"):
     """The cache's card.json as a dict; a clear error when `cache_dir` is no cache."""
     path = Path(cache_dir) / "card.json"
     if not path.is_file():
         raise VaekitError(f"{cache_dir} is not a latent cache (no card.json). Create one with `vaekit encode`.")
     try:
         card = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise VaekitError(f"{path} is unreadable ({e}); re-create the cache with `vaekit encode --overwrite`.") \
-            from None
+    except (OSError, ValueError) as e:
+        raise VaekitError(f"{path} is unreadable ({e}); {hint}.") from None
+    if not isinstance(card, dict):
+        raise VaekitError(f"{path} is no vaekit latent cache card; {hint}.")
     return card
 
 
+def require_version(card, cache_dir):
+    """Raise the pointer to `vaekit cache migrate` for a format-1 cache; other versions are refused too."""
+    if card.get("version") == 1:
+        raise VaekitError(f"{cache_dir} is a latent cache of format 1, which this vaekit reads only to convert it: "
+                          f"run `vaekit cache migrate {cache_dir}` (fast: no images are read).")
+    if card.get("version") != FORMAT_VERSION:
+        raise VaekitError(f"{cache_dir} is a latent cache of format {card.get('version')}; this vaekit reads format "
+                          f"{FORMAT_VERSION}. Re-encode it with `vaekit encode --overwrite`.")
+
+
 # ----------------------------------------------------------------------------------------------
-# Manifests and crash recovery
+# Units on disk
 
 
-def parse_manifest(path):
-    """(entries, torn line count) of one manifest file; a line without its newline was cut by a kill."""
-    entries, torn = [], 0
-    with open(path) as f:
-        for line in f:
-            if not line.endswith("\n"):
-                torn += 1
-                continue
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:
-                torn += 1
-    return entries, torn
+def list_units(out):
+    """{unit number: index path} of every done unit (a directory listing, O(units))."""
+    folder = Path(out) / "units"
+    if not folder.is_dir():
+        return {}
+    found = {}
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            match = UNIT_INDEX.match(entry.name)
+            if match:
+                found[int(match.group(1))] = Path(entry.path)
+    return dict(sorted(found.items()))
 
 
-def read_manifests(cache_dir):
-    """Every manifest entry of a cache, all ranks and runs, in file order (torn lines skipped)."""
+def read_unit_meta(path):
+    """The metadata of a unit index (signature, token, parts, rows, errors), reading only its schema."""
+    import pyarrow as pa  # pyarrow is large; the CLI's parser never needs it
+
+    try:
+        schema = pa.ipc.open_file(pa.memory_map(str(path))).schema
+        return json.loads(schema.metadata[b"vaekit"])
+    except (OSError, KeyError, TypeError, ValueError, pa.ArrowException) as e:
+        raise VaekitError(f"Cannot read the unit index {path} ({type(e).__name__}: {e}); re-run `vaekit encode` to "
+                          "redo that unit, or delete the file.") from None
+
+
+def open_index(path):
+    """A unit index as a memory-mapped Arrow table (nothing read until a column is touched)."""
+    import pyarrow as pa  # see read_unit_meta
+
+    try:
+        return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    except (OSError, pa.ArrowException) as e:
+        raise VaekitError(f"Cannot read the unit index {path} ({type(e).__name__}: {e}); re-run `vaekit encode` to "
+                          "redo that unit.") from None
+
+
+def index_table(rows, meta):
+    """An Arrow table of index rows (dicts with INDEX_COLUMNS) with `meta` in its schema."""
+    import pyarrow as pa  # see read_unit_meta
+
+    def column(name, kind):
+        return pa.array([row[name] for row in rows], type=kind)
+
+    i32, i16 = pa.int32(), pa.int16()
+    arrays = {"key": column("key", pa.string()), "path": column("path", pa.string()),
+              "sha256": column("sha256", pa.binary(32)), "part": column("part", i16)}
+    for name in INDEX_COLUMNS[4:]:
+        arrays[name] = column(name, i32)
+    table = pa.table(arrays)
+    return table.replace_schema_metadata({"vaekit": json.dumps(meta)})
+
+
+def write_index(path, table):
+    """Write an Arrow IPC file atomically (uncompressed, so readers memory-map it)."""
+    import pyarrow as pa  # see read_unit_meta
+
+    with atomic_path(path) as tmp:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+
+
+def part_files(out, unit):
+    """The part files of a unit present on disk, as {file name: token}."""
+    folder = Path(out) / "units"
+    stem = unit_name(unit)
+    found = {}
+    for path in folder.glob(f"{stem}.p*.safetensors"):
+        match = UNIT_PART.match(path.name)
+        if match and int(match.group(1)) == unit:
+            found[path.name] = match.group(3)
+    return found
+
+
+def clean_unit(out, unit, keep=()):
+    """Remove what a killed run left of a unit: its staging folder and parts its index does not name."""
+    removed = 0
+    staging = staging_dir(out, unit)
+    if staging.exists():
+        shutil.rmtree(staging, ignore_errors=True)
+        removed += 1
+    for name in part_files(out, unit):
+        if name not in keep:
+            (Path(out) / "units" / name).unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def invalidate_catalog(out):
+    """Remove the catalog: a unit is about to change, so readers must list the units again."""
+    (Path(out) / "catalog.arrow").unlink(missing_ok=True)
+
+
+def write_catalog(out, units):
+    """catalog.arrow: (unit, rows, token) of each done unit, so opening the cache reads one file."""
+    import pyarrow as pa  # see read_unit_meta
+
+    table = pa.table({"unit": pa.array([u for u, _, _ in units], pa.int64()),
+                      "rows": pa.array([r for _, r, _ in units], pa.int64()),
+                      "token": pa.array([t for _, _, t in units], pa.string())})
+    write_index(Path(out) / "catalog.arrow", table.replace_schema_metadata({"vaekit": json.dumps({"format": 2})}))
+
+
+def read_catalog(out):
+    """[(unit, rows)] from catalog.arrow if present and consistent with the listing, else None."""
+    import pyarrow as pa  # see read_unit_meta
+
+    path = Path(out) / "catalog.arrow"
+    if not path.is_file():
+        return None
+    try:
+        table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    except (OSError, pa.ArrowException):
+        return None  # a reader falls back to listing the units
+    return list(zip(table.column("unit").to_pylist(), table.column("rows").to_pylist()))
+
+
+@contextlib.contextmanager
+def unit_files(out, unit):
+    """Yield the unit's fresh staging folder; afterwards it is removed whatever happened."""
+    staging = staging_dir(out, unit)
+    shutil.rmtree(staging, ignore_errors=True)
+    ensure_folder(staging)
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish(staged, final):
+    """Rename a finished file from a staging folder into units/ (atomic on one file system)."""
+    with storage_errors(final):
+        os.replace(staged, final)
+
+
+def bucket_name(width, height):
+    """The tensor-name suffix of a bucket: 'WxH'."""
+    return f"{width}x{height}"
+
+
+def rows_of(table):
+    """An index table's columns as numpy arrays (int columns) and Python lists (key, path) - for small tools."""
+    data = {name: table.column(name).to_numpy() for name in INDEX_COLUMNS[3:]}
+    data["key"] = table.column("key").to_pylist()
+    data["path"] = table.column("path").to_pylist()
+    data["sha256"] = [bytes(s).hex() if s is not None else None for s in table.column("sha256").to_pylist()]
+    return data
+
+
+def entry_dicts(out, unit, table, meta, flips=True):
+    """A unit's index rows as dicts (one per stored sample, mirrored ones after their image): for tools and tests."""
+    data = rows_of(table)
+    parts = meta["parts"]
     entries = []
-    for path in sorted(Path(cache_dir).glob("manifest-*.jsonl")):
-        entries.extend(parse_manifest(path)[0])
+    for i, key in enumerate(data["key"]):
+        bucket = [int(data["bucket_w"][i]), int(data["bucket_h"][i])]
+        common = {
+            "key": key, "path": data["path"][i], "sha256": data["sha256"][i], "unit": unit,
+            "part": f"units/{parts[int(data['part'][i])]}", "group": bucket_name(*bucket), "bucket": bucket,
+            "original_size": [int(data["original_w"][i]), int(data["original_h"][i])],
+            "resized_size": [int(data["resized_w"][i]), int(data["resized_h"][i])],
+            "crop_box": [int(data[c][i]) for c in ("crop_left", "crop_top", "crop_right", "crop_bottom")],
+        }
+        entries.append({**common, "flip": False, "offset": int(data["offset"][i])})
+        if flips and data["flip_offset"][i] >= 0:
+            entries.append({**common, "flip": True, "offset": int(data["flip_offset"][i])})
     return entries
 
 
-def current_entries(entries):
-    """The newest entry per (key, flip), sorted by key then flip: an image encoded again supersedes the old one."""
-    newest = {}
-    for entry in entries:
-        slot = (entry["key"], bool(entry["flip"]))
-        if slot not in newest or int(entry.get("run", 0)) >= int(newest[slot].get("run", 0)):
-            newest[slot] = entry
-    return [newest[slot] for slot in sorted(newest)]
+def cache_entries(cache_dir, flips=True):
+    """Every stored sample of a cache as a dict, in unit order (O(images) memory: for tools, tests, small caches)."""
+    card = read_card(cache_dir)
+    require_version(card, cache_dir)
+    entries = []
+    for unit, path in list_units(cache_dir).items():
+        entries.extend(entry_dicts(cache_dir, unit, open_index(path), read_unit_meta(path), flips))
+    return entries
 
 
-def shard_count(path):
-    """Samples in a shard according to its header, or None if it is missing or unreadable."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return int((f.metadata() or {}).get("count", -1))
-    except Exception:  # a missing file or any safetensors header error means "not a usable shard"
-        return None
+def unit_errors(out):
+    """The error entries recorded in every unit's index, in unit order."""
+    for path in list_units(out).values():
+        yield from read_unit_meta(path).get("errors", [])
 
 
-def recover_cache(out):
-    """Repair what a killed run leaves behind; returns (next run number, dict of what was removed)."""
-    removed = {"temporary files": 0, "torn manifest lines": 0, "incomplete shards": 0, "orphan shards": 0}
-    shards_dir = out / "shards"
-    for tmp in [*out.glob(".*.tmp"), *shards_dir.glob(".*.tmp")]:  # atomic writes cut short
-        tmp.unlink()
-        removed["temporary files"] += 1
-    referenced, last_run = set(), 0
-    for manifest in sorted(out.glob("manifest-*.jsonl")):
-        entries, torn = parse_manifest(manifest)
-        removed["torn manifest lines"] += torn
-        by_shard = {}
-        for entry in entries:
-            by_shard.setdefault(entry["shard"], []).append(entry)
-        bad = {shard for shard, group in by_shard.items() if shard_count(out / shard) != len(group)}
-        for shard in bad:  # lines lost to a kill mid-append: re-encode the whole shard's images
-            (out / shard).unlink(missing_ok=True)
-            removed["incomplete shards"] += 1
-        keep = [e for e in entries if e["shard"] not in bad]
-        if torn or bad:
-            write_text(manifest, "".join(json.dumps(e) + "\n" for e in keep))
-        referenced.update(e["shard"] for e in keep)
-        last_run = max([last_run, *(int(e.get("run", 0)) for e in keep)])
-    for shard in shards_dir.glob("shard-*.safetensors"):  # renamed into place, killed before the manifest append
-        if f"shards/{shard.name}" not in referenced:
-            shard.unlink()
-            removed["orphan shards"] += 1
-    for path in out.glob("errors-*.jsonl"):  # per-rank lists of an earlier run; this run makes its own
-        path.unlink()
-    return last_run + 1, removed
-
-
-def done_samples(out, flip):
-    """{key: sha256} of images whose newest entries hold every variant this cache stores."""
-    variants = {}
-    for entry in current_entries(read_manifests(out)):
-        variants.setdefault(entry["key"], {})[bool(entry["flip"])] = entry["sha256"]
-    wanted = (False, True) if flip else (False,)
-    done = {}
-    for key, shas in variants.items():
-        if all(v in shas for v in wanted) and len({shas[v] for v in wanted}) == 1:
-            done[key] = shas[False]
-    return done
-
-
-def next_shard_seq(out, rank):
-    """The first free sequence number for rank `rank`'s shards."""
-    seqs = [int(m.group(2)) for p in (out / "shards").glob("shard-*.safetensors")
-            if (m := SHARD_PATTERN.match(p.name)) and int(m.group(1)) == rank]
-    return max(seqs, default=-1) + 1
-
-
-# ----------------------------------------------------------------------------------------------
-# Shards: the writer and the reader
-
-
-class ShardWriter:
-    """Fills shards on a background thread; a shard is entered in the manifest only after it is whole on disk.
-
-    Also checks every latent for NaN/inf (after the cast to the storage dtype, so fp16 overflow counts)
-    and lists such images, with decode errors, in this rank's errors file.
-    """
-
-    def __init__(self, out, rank, run, shard_size, store):
-        self.out, self.rank, self.run, self.shard_size, self.store = out, rank, run, shard_size, store
-        self.seq = next_shard_seq(out, rank)
-        self.manifest_path = out / f"manifest-{rank:03d}.jsonl"
-        self.errors_path = out / f"errors-{rank:03d}.jsonl"
-        self.queue = queue.Queue(maxsize=8)  # bounds memory (and GPU memory) held by batches in flight
-        self.thread = threading.Thread(target=self._loop, name="vaekit-shard-writer", daemon=True)
-        self.error = None
-        self.pending = {}  # group -> {"mean": [...], "logvar": [...], "entries": [...]}
-        self.pending_count = 0
-        self.shards = 0
-        self.non_finite = 0
-
-    def start(self):
-        """Start the writer thread (after DataLoader workers have forked: forking a threaded process is unsafe)."""
-        (self.out / "shards").mkdir(parents=True, exist_ok=True)
-        self.errors_path.write_text("")
-        self.thread.start()
-        return self
-
-    def put(self, item):
-        """Queue ("latents", metas, mean, logvar) or ("errors", entries); raises if the writer failed."""
-        while True:
-            if self.error is not None:
-                raise self.error
-            try:
-                self.queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-
-    def close(self):
-        """Write the last partial shard and stop; re-raises a writer failure."""
-        if self.thread.is_alive():
-            self.put(None)
-            self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def _loop(self):
-        try:
-            while (item := self.queue.get()) is not None:
-                if item[0] == "errors":
-                    self._append(self.errors_path, item[1])
-                else:
-                    self._add(*item[1:])
-                    if self.pending_count >= self.shard_size:
-                        self._write_shard()
-            if self.pending_count:
-                self._write_shard()
-        except BaseException as e:  # handed to the main thread by put/close
-            self.error = e
-            while True:  # drain so a producer blocked on a full queue wakes up and sees the error
-                try:
-                    self.queue.get_nowait()
-                except queue.Empty:
-                    break
-
-    def _add(self, metas, mean, logvar):
-        mean = mean.cpu()  # (N, C, h, w); waits for the device here, not in the main thread
-        logvar = logvar.cpu() if logvar is not None else None
-        finite = torch.isfinite(mean).flatten(1).all(1)
-        if logvar is not None:
-            finite &= torch.isfinite(logvar).flatten(1).all(1)
-        bad_keys = {metas[i]["key"] for i in range(len(metas)) if not finite[i]}
-        if bad_keys:  # drop every variant of such an image, so it is encoded again (whole) or not at all
-            self.non_finite += len(bad_keys)
-            bad = [m for m in metas if m["key"] in bad_keys and not m["flip"]]
-            self._append(self.errors_path, [{"key": m["key"], "path": m["path"], "reason": NON_FINITE,
-                                             "detail": None} for m in bad])
-        for i, meta in enumerate(metas):
-            if meta["key"] in bad_keys:
-                continue
-            group = self.pending.setdefault(f"{meta['bucket'][0]}x{meta['bucket'][1]}",
-                                            {"mean": [], "logvar": [], "entries": []})
-            group["mean"].append(mean[i])
-            if logvar is not None:
-                group["logvar"].append(logvar[i])
-            group["entries"].append(meta)
-            self.pending_count += 1
-
-    def _write_shard(self):
-        name = f"shard-{self.rank:03d}-{self.seq:05d}.safetensors"
-        tensors, lines = {}, []
-        for group, data in self.pending.items():
-            tensors[f"mean/{group}"] = torch.stack(data["mean"])  # (N, C, h, w)
-            if data["logvar"]:
-                tensors[f"logvar/{group}"] = torch.stack(data["logvar"])
-            for offset, meta in enumerate(data["entries"]):
-                crop = meta["crop"]
-                lines.append({
-                    "key": meta["key"], "path": meta["path"], "sha256": meta["sha256"],
-                    "original_size": crop["original_size"], "resized_size": crop["resized_size"],
-                    "crop_box": crop["box"], "flip": meta["flip"], "bucket": meta["bucket"],
-                    "latent_shape": list(tensors[f"mean/{group}"].shape[1:]),
-                    "shard": f"shards/{name}", "group": group, "offset": offset, "run": self.run,
-                })
-        metadata = {"format": FORMAT, "count": str(len(lines)), "run": str(self.run), "store": self.store}
-        save_safetensors(tensors, self.out / "shards" / name, metadata=metadata)  # tmp file, fsync, rename
-        self._append(self.manifest_path, lines)  # only now is the shard part of the cache
-        self.seq += 1
-        self.shards += 1
-        self.pending, self.pending_count = {}, 0
-
-    @staticmethod
-    def _append(path, entries):
-        """Append entries as JSON lines in one write and fsync: a kill leaves at most one torn last line."""
-        append_lines(path, [json.dumps(e) for e in entries])
-
-
-class ShardReader:
-    """Memory-mapped safetensors shards, opened on first use in each process (open handles are not pickled)."""
-
-    def __init__(self, root):
-        self.root = Path(root)
-        self.handles = {}
-
-    def __getstate__(self):
-        return {"root": self.root, "handles": {}}
-
-    def handle(self, shard):
-        """The open safe_open handle of a shard (relative path)."""
-        if shard not in self.handles:
-            path = self.root / shard
-            try:
-                self.handles[shard] = safe_open(str(path), framework="pt")
-            except Exception as e:  # missing file or corrupt header
-                raise VaekitError(f"Cannot read shard {path} ({e}); re-run `vaekit encode` to repair the cache.") \
-                    from None
-        return self.handles[shard]
-
-    def row(self, entry, kind="mean"):
-        """One sample's stored tensor (C, h, w) in the storage dtype."""
-        offset = int(entry["offset"])
-        return self.handle(entry["shard"]).get_slice(f"{kind}/{entry['group']}")[offset:offset + 1][0]
-
-    def rows(self, shard, group, offsets, kind="mean"):
-        """Several samples of one group of one shard, (N, C, h, w)."""
-        return self.handle(shard).get_tensor(f"{kind}/{group}")[list(offsets)]
+def bucket_codes(buckets):
+    """int32 codes of (W, H) pairs: W * 65536 + H, sortable and unique for sides below 65536."""
+    buckets = np.asarray(buckets, dtype=np.int64).reshape(-1, 2)
+    return (buckets[:, 0] * 65536 + buckets[:, 1]).astype(np.int64)

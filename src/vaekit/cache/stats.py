@@ -3,8 +3,9 @@
 import torch
 from tqdm.auto import tqdm
 
-from vaekit.cache.encode import PreparedImages, make_loader, open_data, stream_latents
-from vaekit.cache.format import ShardReader, current_entries, read_card, read_manifests, size_policy
+from vaekit.cache.encode import open_data, stream_latents
+from vaekit.cache.format import list_units, read_card, read_unit_meta, require_version, size_policy
+from vaekit.cache.units import Preparer, UnitStream
 from vaekit.codec.inference import BulkEncoder
 from vaekit.device import resolve_compute_dtype, resolve_device
 from vaekit.errors import VaekitError
@@ -106,19 +107,20 @@ def suggest_normalization(stats):
 
 
 def cache_statistics(cache_dir, of="auto"):
-    """Statistics of the current latents of a cache (every stored variant, flips included)."""
-    store = read_card(cache_dir)["key"]["store"]
-    reader = ShardReader(cache_dir)
-    groups = {}
-    for entry in current_entries(read_manifests(cache_dir)):
-        groups.setdefault((entry["shard"], entry["group"]), []).append(int(entry["offset"]))
-    if not groups:
-        raise VaekitError(f"The cache {cache_dir} holds no latents yet.")
+    """Statistics of the latents of a cache (every stored variant, flips included), read part by part."""
+    from safetensors.torch import load_file  # whole parts: every row of a part is a current latent
+
+    card = read_card(cache_dir)
+    require_version(card, cache_dir)
     moments = LatentMoments()
-    for (shard, group), offsets in sorted(groups.items()):
-        mean = reader.rows(shard, group, offsets, "mean")
-        logvar = reader.rows(shard, group, offsets, "logvar") if store == "mean_logvar" else None
-        moments.update(mean, logvar)
+    for path in list_units(cache_dir).values():
+        for part in read_unit_meta(path)["parts"]:
+            tensors = load_file(str(path.parent / part))
+            for name, mean in sorted(tensors.items()):
+                if name.startswith("mean/"):
+                    moments.update(mean, tensors.get("logvar/" + name[5:]))
+    if moments.moments.mean is None:
+        raise VaekitError(f"The cache {cache_dir} holds no latents yet.")
     return moments.result(of)
 
 
@@ -126,19 +128,24 @@ def data_statistics(vae, config, of="auto", progress=True):
     """Statistics of `vae`'s latents of the images of an EncodeConfig (encoded on the fly, nothing written)."""
     device = resolve_device("auto")
     policy = size_policy(config, downsample_factor(vae))
-    source = open_data(config)
-    dataset = PreparedImages(source, policy, config.background, config.max_pixels)
+    plan = open_data(config)
+    stream = UnitStream(plan, range(plan.count), Preparer(policy, config.background, config.max_pixels),
+                        config.batch_size)
     encoder = BulkEncoder(vae, device, resolve_compute_dtype(config.compute_dtype, device), config.channels_last,
-                      config.compile, config.tile)
-    counters = {"encoded": 0, "skipped": 0, "errors": 0}
+                          config.compile, config.tile)
+    counters = {"encoded": 0, "errors": 0}
     moments = LatentMoments()
-    chunks = iter(make_loader(dataset, config.batch_size, config.num_workers, device.type == "cuda"))
-    with tqdm(total=len(source), unit="img", desc="stats", disable=not progress) as bar:
-        for item in stream_latents(encoder, chunks, config, counters, bar):
+    workers = config.num_workers if plan.kind == "indexed" else min(config.num_workers, plan.count)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
+    total = len(plan.source) if plan.kind == "indexed" else None
+    with tqdm(total=total, unit="img", desc="stats", disable=not progress) as bar:
+        for item in stream_latents(encoder, iter(loader), config, counters, bar):
             if item[0] == "latents":
-                _, _, mean, logvar = item
-                finite = torch.isfinite(mean).flatten(1).all(1) & torch.isfinite(logvar).flatten(1).all(1)
-                moments.update(mean[finite], logvar[finite])
+                mean, logvar = item[3], item[4]
+                finite = torch.isfinite(mean).flatten(1).all(1)
+                if logvar is not None:
+                    finite &= torch.isfinite(logvar).flatten(1).all(1)
+                moments.update(mean[finite], logvar[finite] if logvar is not None else None)
     result = moments.result(of)
     result["images"] = counters["encoded"]
     result["errors"] = counters["errors"]

@@ -20,17 +20,33 @@ def register(subparsers):
         "refused (or replaced with --overwrite). Runs under accelerate launch and torchrun.",
     )
     add_model_arguments(p, name="vae", positional=False, required=False, help_text="the VAE")
-    p.add_argument("--data", help="image folder, Hugging Face data set, WebDataset shards or builtin:photos")
+    p.add_argument("--data", help="image folder, Hugging Face data set, builtin:photos, or WebDataset shards: a "
+                   "folder of .tar/.tar.gz, a brace pattern (shards-{000..099}.tar), a pipe: command or a URL")
     p.add_argument("--out", help="cache folder")
     add_pipeline_arguments(p)
     p.add_argument("--store", choices=STORE_MODES,
                    help="mean_logvar (default) keeps the posterior so a trainer can sample; mode keeps the mean")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help=f"storage dtype (default {d.dtype})")
-    p.add_argument("--shard_size", type=int, help=f"samples per shard (default {d.shard_size})")
+    p.add_argument("--shard_size", type=int, help=f"samples per part file of a unit (default {d.shard_size})")
+    p.add_argument("--unit_size", type=int,
+                   help=f"images per unit of work and resume for folders and data sets (default {d.unit_size}); "
+                        "a WebDataset shard is always one unit")
+    p.add_argument("--lock_timeout", type=float,
+                   help=f"seconds without a heartbeat after which a unit lock held on another host is taken over "
+                        f"(default {d.lock_timeout:g})")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace a cache whose key differs instead of refusing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_encode)
+
+    p = add_command(subparsers, "cache", "maintain latent caches (migrate from an older format)",
+                    "Maintenance of latent caches made by `vaekit encode`.")
+    sub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True, help="migrate")
+    migrate = add_command(sub, "migrate", "convert a cache of format 1 to format 2 in place (no image is read)",
+                          "Convert a format-1 latent cache (per-image JSON manifests) to format 2 (units with Arrow "
+                          "indices). Latents are copied, not recomputed; safe to interrupt and run again.")
+    migrate.add_argument("cache", help="the cache folder")
+    migrate.set_defaults(func=run_migrate)
 
     p = add_command(
         subparsers, "stats", "latent mean/std per channel; suggests scaling_factor and shift_factor",
@@ -93,10 +109,23 @@ def run_encode(args):
     out = Path(config.out)
     print(f"encoded {summary['encoded']} images in {summary['seconds']} s "
           f"({summary['images_per_second']} images/s, {summary['processes']} process(es)); "
-          f"{summary['skipped_unchanged']} already in the cache, {summary['errors']} skipped with errors"
+          f"{summary['units_unchanged']} of {summary['units_in_source']} units already done, "
+          f"{summary['errors']} images skipped with errors"
           + (f" (listed in {out / 'errors.jsonl'})" if summary["errors"] else ""))
-    print(f"cache {out}: {summary['cache_images']} images, {summary['cache_samples']} latents in "
-          f"{summary['shards']} shards")
+    print(f"cache {out}: {summary['cache_images']} images in {summary['cache_units']} units")
+    return 0
+
+
+def run_migrate(args):
+    """Convert a format-1 cache in place."""
+    from vaekit.cache.migrate import migrate_cache  # torch: only once the command runs
+
+    result = migrate_cache(args.cache)
+    if result["already"]:
+        print(f"{args.cache} is already in format 2 ({result['units']} units, {result['images']} images)")
+    else:
+        print(f"migrated {args.cache} to format 2: {result['images']} images ({result['samples']} latents) "
+              f"in {result['units']} units")
     return 0
 
 

@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from vaekit.cache.config import EncodeConfig
 from vaekit.cache.encode import encode_dataset
-from vaekit.cache.format import ShardReader, current_entries, read_card, read_manifests
+from vaekit.cache.dataset import LatentDataset
+from vaekit.cache.format import read_card
 from vaekit.config import flat_overrides
 from vaekit.device import resolve_device
 from vaekit.errors import VaekitError
@@ -146,18 +147,16 @@ def read_cache(cache_dir, label, model, wanted_fingerprint=None):
     if wanted_fingerprint is not None and card["key"]["vae_fingerprint"] != wanted_fingerprint:
         raise VaekitError(f"{cache_dir} holds latents of another VAE than {model} (its fingerprint differs); pass the "
                           "model that encoded it, or drop --cache to encode --data with this one.")
-    entries = [e for e in current_entries(read_manifests(cache_dir)) if not e["flip"]]
-    if not entries:
+    dataset = LatentDataset(cache_dir, sample=False, normalize=False, flips="none")
+    if not len(dataset):
         raise VaekitError(f"{cache_dir} holds no latents; fill it with `vaekit encode`.")
-    shapes = {}
-    for entry in entries:
-        shapes.setdefault(tuple(entry["latent_shape"]), []).append(entry)
-    entries = max(shapes.values(), key=len)  # aspect buckets: the probe compares one grid size
-    reader = ShardReader(cache_dir)
-    mean = torch.stack([reader.row(e, "mean").float() for e in entries])  # (N, C, h, w)
-    std = None
-    if card["key"]["store"] == "mean_logvar":
-        std = torch.stack([reader.row(e, "logvar").float() for e in entries]).mul(0.5).exp()
+    buckets = [tuple(b) for b in dataset.buckets.tolist()]
+    common = max(set(buckets), key=buckets.count)  # aspect buckets: the probe compares one grid size
+    chosen = sorted((dataset.field(i, "key"), i) for i in range(len(dataset)) if buckets[i] == common)
+    stored = [dataset.stored(i) for _, i in chosen]
+    mean = torch.stack([m for m, _ in stored])  # (N, C, h, w)
+    std = torch.stack([lv for _, lv in stored]).mul(0.5).exp() if card["key"]["store"] == "mean_logvar" else None
+    entries = [{"key": k} for k, _ in chosen]
     return LatentSet(label, model or card.get("vae", {}).get("source", str(cache_dir)), [e["key"] for e in entries],
                      mean, std, source=str(cache_dir))
 
