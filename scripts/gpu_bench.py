@@ -922,15 +922,15 @@ class BulkRunner:
     def gate_pixels(self):
         """(keys, uint8 pixels (N, 3, H, W)) of the first gate images, prepared exactly as the pipeline does."""
         def make():
-            from vaekit.cache.encode import PreparedImages, open_data
+            from vaekit.cache.encode import open_data
             from vaekit.cache.format import size_policy
+            from vaekit.cache.units import Preparer
             from vaekit.model import downsample_factor
 
             config = self.config()
-            vae = self.vae()
-            source = open_data(config)
-            items = PreparedImages(source, size_policy(config, downsample_factor(vae)))
-            chosen = [items[i] for i in range(min(self.ctx.s["gate_images"], len(items)))]
+            plan = open_data(config)
+            prepare = Preparer(size_policy(config, downsample_factor(self.vae())), config.background)
+            chosen = [prepare(*plan.read(i)) for i in range(min(self.ctx.s["gate_images"], len(plan.source)))]
             return [c["key"] for c in chosen], self.ctx.torch.stack([c["pixels"] for c in chosen])
         return memo(self.cache, "gate", make)
 

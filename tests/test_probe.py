@@ -102,7 +102,7 @@ def test_probe_command_encodes_once_reuses_its_latents_and_reads_caches(photos, 
     assert main(argv) == 0  # a second run finds its latents in the cache: nothing is encoded again
     capsys.readouterr()
     summary = json.loads((caches[0] / "summary.json").read_text())
-    assert summary["encoded"] == 0 and summary["skipped_unchanged"] == 16
+    assert summary["encoded"] == 0 and summary["units_unchanged"] == summary["units_in_source"] == 1
     rerun = json.loads((out / "probe.json").read_text())["models"]
     assert [m["final"] for m in rerun] == [m["final"] for m in result["models"]]  # deterministic
 

@@ -1,9 +1,12 @@
 """Latent caches: bulk encoding of image data sets, the cache format, and reading it back for diffusion training.
 
 - `config`: EncodeConfig (no torch, for the command line);
-- `format`: the folder layout, card, manifests, shards, crash recovery: writer and reader side by side;
+- `format`: the folder layout (format 2: units with Arrow indices), card, catalog, crash recovery;
+- `units`: how a source is cut into units, and the DataLoader stream that prepares them;
+- `writer`: the background thread that writes a unit's parts and, last, its index;
 - `encode`: `encode_dataset`, the resumable multi-process pipeline;
-- `dataset`: `LatentDataset`, `BucketBatchSampler`, `collate_latents`, spot-check decodes;
+- `dataset`: `LatentDataset`, `LatentStream`, `BucketBatchSampler`, `collate_latents`, spot-check decodes;
+- `v1`, `migrate`: reading format-1 caches and converting them (`vaekit cache migrate`);
 - `stats`: latent statistics and the scaling / shift factors they imply.
 """
 

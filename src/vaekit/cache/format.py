@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from vaekit.data.crops import make_buckets
+from vaekit.data.sources import display_text
 from vaekit.errors import VaekitError
 from vaekit.io import TEMPORARY_NAME, atomic_path, ensure_folder, storage_errors, umask_mode
 from vaekit.model.architecture import fingerprint, vae_config
@@ -311,6 +312,9 @@ def index_table(rows, meta):
 
     def column(name, kind):
         return pa.array([row[name] for row in rows], type=kind)
+
+    # A file name that is not valid UTF-8 (lone surrogates in Python) is stored in its readable spelling.
+    rows = [{**row, "path": display_text(row["path"])} if row["path"] is not None else row for row in rows]
 
     i32, i16 = pa.int32(), pa.int16()
     arrays = {"key": column("key", pa.string()), "path": column("path", pa.string()),

@@ -141,7 +141,8 @@ class UnitWriter:
                     # An overflow may pass with another --compute_dtype (not part of the key): such units are redone.
                     "retry": any(e["reason"] == NON_FINITE for e in state["errors"])}
             staged = staging_dir(self.out, unit) / "index.arrow"
-            write_index(staged, index_table(state["rows"], meta))
+            rows = sorted(state["rows"], key=lambda row: row["key"])  # batches were grouped by bucket; rows by key
+            write_index(staged, index_table(rows, meta))
             invalidate_catalog(self.out)  # before the unit changes: a reader never trusts an outdated catalog
             publish(staged, index_path(self.out, unit))
             clean_unit(self.out, unit, keep=set(state["parts"]))  # the parts of the unit's previous version
