@@ -97,6 +97,16 @@ def test_export_dtype_and_convert_roundtrip(tmp_path, inputs):
     assert fingerprint(load_vae(str(src))) == fingerprint(load_vae(str(tmp_path / "back")))
 
 
+def test_fingerprint_is_the_weights_not_their_memory_format():
+    vae = build_preset("tiny")
+    before = fingerprint(vae)
+    vae.to(memory_format=torch.channels_last)  # as the bulk encoder runs it; 1x1 kernels get odd strides
+    assert fingerprint(vae) == before
+    with torch.no_grad():
+        next(vae.parameters()).add_(1e-3)
+    assert fingerprint(vae) != before
+
+
 def test_export_is_atomic_when_interrupted(tmp_path, monkeypatch):
     out = tmp_path / "export"
     save_diffusers(build_preset("tiny"), out)

@@ -18,8 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from vaekit import __version__
-from vaekit.cache.format import (FORMAT, FORMAT_VERSION, cache_key, clean_unit, index_path, invalidate_catalog,
-                                 UNIT_PART, UNIT_STAGING, list_units, lock_path, new_token, open_card, read_unit_meta, size_policy, unit_errors, write_catalog)
+from vaekit.cache.format import (FORMAT, FORMAT_VERSION, UNIT_PART, UNIT_STAGING, cache_key, clean_unit, current_parts,
+                                 invalidate_catalog, list_units, lock_path, new_token, open_card, read_unit_meta,
+                                 size_policy, unit_errors, write_catalog)
 from vaekit.cache.units import IndexedPlan, Preparer, ShardPlan, UnitStream
 from vaekit.cache.writer import UnitWriter
 from vaekit.codec.inference import BulkEncoder, tile_option
@@ -27,7 +28,7 @@ from vaekit.data.shards import is_shard_file, looks_like_shards
 from vaekit.data.sources import open_source
 from vaekit.device import DTYPES, process_state, resolve_compute_dtype
 from vaekit.errors import VaekitError
-from vaekit.io import atomic_path, ensure_folder, write_json
+from vaekit.io import atomic_path, ensure_folder, remove_temporaries, write_json
 from vaekit.locks import Heartbeat, describe_owner, release, try_lock
 from vaekit.model.architecture import downsample_factor, latent_channels, vae_config
 from vaekit.model.load import load_vae
@@ -139,9 +140,7 @@ def claim_units(out, plan, units, config, heartbeat):
         path = lock_path(out, unit)
         if try_lock(path, config.lock_timeout):
             heartbeat.add(path)
-            current = index_path(out, unit)
-            keep = set(read_unit_meta(current)["parts"]) if current.is_file() else set()
-            clean_unit(out, unit, keep)  # what a killed run left of this unit
+            clean_unit(out, unit, current_parts(out, unit))  # what a killed run left of this unit
             held.append(unit)
         else:
             busy.append(f"{plan.label(unit)} is being encoded by {describe_owner(path)}")
@@ -181,7 +180,7 @@ def tidy_units(out, units, config):
         path = lock_path(out, unit)
         if try_lock(path, config.lock_timeout):
             try:
-                clean_unit(out, unit, set(read_unit_meta(index_path(out, unit))["parts"]))
+                clean_unit(out, unit, current_parts(out, unit))
             finally:
                 release(path)
 
@@ -358,6 +357,7 @@ def finalize_cache(out, plan, token, records):
         "parts": totals.get("parts", 0),
     }
     write_json(Path(out) / "summary.json", summary)
+    remove_temporaries(out)  # cards of processes killed while creating one: every process is past that now
     for old in (Path(out) / "runs").iterdir():  # earlier runs' records; this run's stay as its trace
         if old.name != token:
             for path in old.iterdir():

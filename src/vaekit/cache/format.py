@@ -346,6 +346,15 @@ def part_files(out, unit):
     return found
 
 
+def current_parts(out, unit):
+    """The parts named by the unit's index in place (which readers may be using), or none."""
+    path = index_path(out, unit)
+    try:
+        return set(read_unit_meta(path)["parts"]) if path.is_file() else set()
+    except VaekitError:  # an unreadable index is replaced; nothing of it is worth keeping
+        return set()
+
+
 def clean_unit(out, unit, keep=()):
     """Remove what a killed run left of a unit: its staging folder and parts its index does not name."""
     removed = 0

@@ -6,9 +6,8 @@ import threading
 import torch
 
 from vaekit.cache.format import (FORMAT, FORMAT_VERSION, NON_FINITE, bucket_name, clean_unit, index_path, index_table,
-                                 invalidate_catalog, lock_path, publish, read_unit_meta, staging_dir, unit_name,
+                                 current_parts, invalidate_catalog, lock_path, publish, staging_dir, unit_name,
                                  write_index)
-from vaekit.errors import VaekitError
 from vaekit.io import ensure_folder, save_safetensors
 from vaekit.locks import release
 
@@ -129,7 +128,7 @@ class UnitWriter:
 
     def _end(self, unit, state, info):
         if info.get("failure") is not None:  # a shard that could not be read to its end: no index, redo next run
-            clean_unit(self.out, unit, keep=self._current_parts(unit))
+            clean_unit(self.out, unit, keep=current_parts(self.out, unit))
             self.failed.append({"unit": unit, "label": info["label"], **info["failure"]})
             self.counts["units_failed"] += 1
         else:
@@ -150,11 +149,3 @@ class UnitWriter:
         if self.heartbeat is not None:
             self.heartbeat.discard(lock_path(self.out, unit))
         release(lock_path(self.out, unit))
-
-    def _current_parts(self, unit):
-        """The parts named by the unit's index in place (an earlier run's), which must stay."""
-        path = index_path(self.out, unit)
-        try:
-            return set(read_unit_meta(path)["parts"]) if path.is_file() else set()
-        except VaekitError:  # an unreadable old index: nothing of it is worth keeping
-            return set()

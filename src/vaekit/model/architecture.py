@@ -253,7 +253,10 @@ def fingerprint(vae):
     for key, tensor in sorted(vae.state_dict().items()):
         digest.update(key.encode())
         digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # Row-major bytes whatever the memory format: a channels-last 1x1 kernel passes is_contiguous() with
+        # strides that `view(torch.uint8)` refuses, and the same weights must give the same key.
+        data = tensor.detach().cpu().clone(memory_format=torch.contiguous_format)
+        digest.update(data.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
