@@ -236,7 +236,7 @@ def check_ready(cfg, accelerator, resume):
                                                                       perceptual))
     facts = {"resume_step": checkpoint.meta["step"] if checkpoint is not None else None,
              "perceptual": perceptual is not None, "metric": metric is not None}
-    everyone = agree_ready(accelerator, "; ".join(failures) or None, facts)
+    everyone = agree_ready(accelerator, failures, facts)
     steps = [f["resume_step"] for f in everyone]
     if len(set(steps)) > 1:
         raise VaekitError(f"The processes would resume from different checkpoints (steps by rank: {steps}); "

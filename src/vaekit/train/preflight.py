@@ -48,29 +48,32 @@ def refuse_sharding(distributed_type=None):
 
 
 def run_check(what, check):
-    """(result, None) when `check()` succeeds, (None, message) when it raises; other errors log their traceback."""
+    """(result, None) when `check()` succeeds, (None, (what, message)) when it raises; other errors log their traceback."""
     try:
         return check(), None
     except VaekitError as e:
-        return None, f"{what}: {e}"
+        return None, (what, str(e))
     except Exception as e:  # any failure must reach the agreement, or the other processes would wait for this one
         log.error("%s failed:\n%s", what, traceback.format_exc())
-        return None, f"{what}: {type(e).__name__}: {e}"
+        return None, (what, f"{type(e).__name__}: {e}")
 
 
-def agree_ready(accelerator, failure, facts=None):
-    """Exchange (failure or None, facts) across processes; raise on every process if any failed.
+def agree_ready(accelerator, failures, facts=None):
+    """Exchange this process's failures [(what, message)] and `facts`; raise on every process if any failed.
 
     Returns every process's `facts` (a small picklable value), in rank order, for checks that need
-    the processes to agree (the checkpoint each one resumes from).
+    the processes to agree (the checkpoint each one resumes from). A single process raises its own
+    messages as they are.
     """
     if accelerator.num_processes == 1:
-        statuses = [(failure, facts)]
-    else:
-        statuses = gather_object([(failure, facts)])
-    failed = [(rank, text) for rank, (text, _) in enumerate(statuses) if text is not None]
+        if failures:
+            raise VaekitError(" ".join(text for _, text in failures))
+        return [facts]
+    statuses = gather_object([(list(failures), facts)])
+    failed = [(rank, problems) for rank, (problems, _) in enumerate(statuses) if problems]
     if failed:
-        lines = [f"rank {rank}: {text}" for rank, text in failed]
+        lines = [f"rank {rank}: " + "; ".join(f"{what}: {text}" for what, text in problems)
+                 for rank, problems in failed]
         raise VaekitError(f"{len(failed)} of {len(statuses)} processes cannot start, so none does. "
                           + " | ".join(lines))
     return [f for _, f in statuses]
