@@ -113,16 +113,17 @@ def sample_keys(out_dir, rank=0):
 
 
 def test_a_process_without_its_data_or_lpips_weights_stops_every_process_at_once(tmp_path, photos, lpips_backbone):
-    """Two nodes of one job, each with its own config: node 1 lacks the data and the LPIPS weights.
+    """Two nodes of one job, each with its own config: node 1 lacks the model, the data and the LPIPS weights.
 
-    Both exit with the same one-line message naming rank 1 and both problems, within seconds,
+    Both exit with the same one-line message naming rank 1 and its problems, within seconds,
     although a process that waited in DDP's set-up would wait train.timeout_s (here 5 minutes).
     """
     port = free_port()
     procs = []
     started = time.monotonic()
-    for rank, (data, weights) in enumerate([(photos, lpips_backbone), (tmp_path / "no-data", tmp_path / "no.pth")]):
-        cfg = write_config(tmp_path / f"node{rank}.yaml", tmp_path / f"run{rank}", data,
+    nodes = [(photos, lpips_backbone, "preset:tiny"), (tmp_path / "no-data", tmp_path / "no.pth", tmp_path / "no-model")]
+    for rank, (data, weights, model) in enumerate(nodes):
+        cfg = write_config(tmp_path / f"node{rank}.yaml", tmp_path / f"run{rank}", data, model={"source": str(model)},
                            loss={"perceptual_weight": 0.1, "perceptual_net": "alex", "lpips_path": str(weights)},
                            train={"steps": 2, "batch_size": 2, "timeout_s": 300})
         env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": "2",
@@ -145,7 +146,8 @@ def test_a_process_without_its_data_or_lpips_weights_stops_every_process_at_once
     assert messages[0] == messages[1]
     assert "1 of 2 processes cannot start" in messages[0] and "rank 1: " in messages[0]
     assert "rank 0" not in messages[0]
-    assert "no-data" in messages[0] and "no.pth" in messages[0]  # both of node 1's problems, in one message
+    for problem in ("model: ", "no-model", "data: ", "no-data", "LPIPS: ", "no.pth"):  # all of node 1's, in one message
+        assert problem in messages[0], problem
     assert "Traceback" not in outputs[0][1] + outputs[1][1]
     assert elapsed < 100
     assert not list((tmp_path / "run0").glob("checkpoint-*"))
@@ -176,6 +178,16 @@ def test_sharded_distributed_types_are_refused():
 
 # ------------------------------------------------------------------------------------------------
 # Streamed shards on two processes; validation split across them
+
+
+@pytest.mark.parametrize("world, workers", [(1, 1), (2, 1), (2, 3), (3, 2)])
+def test_each_epoch_reads_every_shard_once_across_processes_and_workers(world, workers):
+    from vaekit.data.streaming import epoch_shards
+
+    for epoch in range(3):
+        read = [i for r in range(world) for k in range(workers) for i in epoch_shards(13, 7, epoch, r, world, k, workers)]
+        assert sorted(read) == list(range(13))
+    assert epoch_shards(13, 7, 0, 0, world, 0, workers) != epoch_shards(13, 7, 1, 0, world, 0, workers)
 
 
 def test_two_processes_stream_each_sample_once_per_epoch_and_split_validation_matches_one_process(

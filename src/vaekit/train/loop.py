@@ -110,6 +110,7 @@ class Ready:
     """What every process checked and opened before the first collective (`check_ready`)."""
 
     checkpoint: object  # a loaded train.checkpoint.Checkpoint, or None for a fresh run
+    vae: object  # the AutoencoderKL to train, as loaded (build_vae)
     train_ds: object  # TrainImageDataset, or StreamingImages for streamed shards
     val_ds: object
     perceptual: object  # the LPIPS training loss, or None
@@ -126,7 +127,7 @@ def train(config, resume=None):
     checkpoint, train_ds, val_ds = ready.checkpoint, ready.train_ds, ready.val_ds
     if accelerator.is_main_process:
         save_config(cfg, Path(cfg.out_dir) / "config.yaml")
-    parts = build_parts(cfg, accelerator, checkpoint, ready.perceptual)
+    parts = build_parts(cfg, accelerator, ready.vae, ready.perceptual)
     state = RunState()
     if checkpoint is not None:
         restore(cfg, parts, state, checkpoint, data_size(train_ds))
@@ -204,7 +205,7 @@ def start_run(cfg):
 
 
 def check_ready(cfg, accelerator, resume):
-    """Each process's checks before the first collective (run folder, checkpoint, data, LPIPS), then their agreement.
+    """Each process's checks before the first collective (run folder, checkpoint, model, data, LPIPS), then their agreement.
 
     A failure on any process raises the same VaekitError on every process (vaekit.train.preflight).
     The processes also agree on what must be the same everywhere: the checkpoint they resume from
@@ -228,12 +229,16 @@ def check_ready(cfg, accelerator, resume):
         check("run folder", lambda: ensure_folder(Path(cfg.out_dir) / "sample_keys"))
     path = check("resume", lambda: find_checkpoint(resume, cfg.out_dir))
     checkpoint = check("checkpoint", lambda: ckpt.load_checkpoint(path)) if path is not None else None
-    data = check("data", lambda: open_training_data(cfg, accelerator)) or (None, None)
-    perceptual = check("LPIPS", lambda: build_perceptual(cfg.loss))
-    metric = None
-    if data[1] is not None:
-        metric = check("validation LPIPS", lambda: build_lpips_metric(cfg.validation.lpips_net, cfg.loss.lpips_path,
-                                                                      perceptual))
+    vae = check("model", lambda: build_vae(cfg, checkpoint))
+    # Building LPIPS draws from the global RNG; forked, it leaves the stream the discriminator and the
+    # alignment projection are drawn from where the VAE left it, as before these checks existed.
+    with torch.random.fork_rng(devices=[]):
+        data = check("data", lambda: open_training_data(cfg, accelerator)) or (None, None)
+        perceptual = check("LPIPS", lambda: build_perceptual(cfg.loss))
+        metric = None
+        if data[1] is not None:
+            metric = check("validation LPIPS", lambda: build_lpips_metric(cfg.validation.lpips_net,
+                                                                          cfg.loss.lpips_path, perceptual))
     facts = {"resume_step": checkpoint.meta["step"] if checkpoint is not None else None,
              "perceptual": perceptual is not None, "metric": metric is not None}
     everyone = agree_ready(accelerator, failures, facts)
@@ -247,7 +252,7 @@ def check_ready(cfg, accelerator, resume):
     if metric is not None and not all(f["metric"] for f in everyone):
         log.warning("Validation LPIPS is unavailable on some processes: reporting PSNR and SSIM only.")
         metric = None
-    return Ready(checkpoint, data[0], data[1], perceptual, metric)
+    return Ready(checkpoint, vae, data[0], data[1], perceptual, metric)
 
 
 def prepare_run_folder(out_dir):
@@ -289,16 +294,21 @@ def find_checkpoint(resume, out_dir):
     return checkpoint
 
 
-def build_parts(cfg, accelerator, checkpoint=None, perceptual=None):
-    """The VAE (fp32, from the checkpoint's architecture when resuming), discriminator, EMA, optimizers; the LPIPS loss given."""
-    # Same seed on every process, right before the first random draw (check_ready's LPIPS loading draws
-    # too): identical initial weights, EMA and discriminator, whatever was loaded first.
+def build_vae(cfg, checkpoint=None):
+    """The VAE to train: from the checkpoint (its architecture and weights) when resuming, else from model.source.
+
+    Seeded first, with the same seed on every process: a preset's initial weights are identical
+    everywhere (and DDP's first broadcast changes nothing).
+    """
     set_seed(cfg.train.seed)
-    device = accelerator.device
     if checkpoint is not None:
-        vae = ckpt.checkpoint_vae(checkpoint.meta, checkpoint.weights["vae"], checkpoint.path)
-    else:
-        vae = load_vae(cfg.model.source, overrides=cfg.model.overrides)
+        return ckpt.checkpoint_vae(checkpoint.meta, checkpoint.weights["vae"], checkpoint.path)
+    return load_vae(cfg.model.source, overrides=cfg.model.overrides)
+
+
+def build_parts(cfg, accelerator, vae, perceptual=None):
+    """The fp32 VAE prepared with its discriminator, EMA and optimizers; the VAE and LPIPS loss from `check_ready`."""
+    device = accelerator.device
     cast_vae(vae, device=device, dtype=torch.float32)  # fp32 master weights, whatever the stored dtype
     if cfg.model.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
@@ -665,7 +675,7 @@ def save(cfg, parts, state, dataset_size, interrupted=False):
 def restore(cfg, parts, state, checkpoint, dataset_size):
     """Load a checkpoint's optimizers, schedules, discriminator, EMA, RNG and position into the run; inverse of `save`.
 
-    The VAE's own weights were loaded by `build_parts`, which builds it from the checkpoint.
+    The VAE's own weights were loaded by `build_vae`, which builds it from the checkpoint.
     """
     meta = checkpoint.meta
     loop = meta["loop"]
