@@ -85,7 +85,7 @@ class StreamingImages(torch.utils.data.IterableDataset):
         self.starts = [None]  # per worker stream: (epoch, slot, sample) to start at, None for the beginning
 
     def for_process(self, rank, world, workers, starts=None, rotation=0):
-        """This process's view: its shards, `workers` streams starting at `starts`, worker k playing stream k+rotation."""
+        """This process's view: its shards, `workers` streams from `starts`, worker k playing stream k + rotation."""
         view = StreamingImages.__new__(StreamingImages)
         view.__dict__.update(self.__dict__)
         view.rank, view.world, view.workers, view.rotation = rank, world, workers, rotation % workers
@@ -152,7 +152,7 @@ class _HeldReader:
 
 
 def open_stream(config, order_seed):
-    """(StreamingImages over `config.path`, held-out Source or None) for a DataConfig; reads only the held-out samples."""
+    """(StreamingImages over `config.path`, held-out Source or None) for a DataConfig; reads only held-out samples."""
     urls = expand_shards(config.path)
     holdout = config.holdout
     if 0 < holdout < 1:

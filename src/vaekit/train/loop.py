@@ -205,7 +205,7 @@ def start_run(cfg):
 
 
 def check_ready(cfg, accelerator, resume):
-    """Each process's checks before the first collective (run folder, checkpoint, model, data, LPIPS), then their agreement.
+    """Each process's checks before the first collective (run folder, checkpoint, model, data, LPIPS), agreed.
 
     A failure on any process raises the same VaekitError on every process (vaekit.train.preflight).
     The processes also agree on what must be the same everywhere: the checkpoint they resume from
@@ -731,7 +731,8 @@ def restore_stream(cfg, accelerator, state, position, dataset_size):
     sample of the interrupted epoch is seen twice (its unread rest is skipped).
     """
     world = accelerator.num_processes
-    workers = stream_workers(cfg.data.num_workers, dataset_size["shards"], world) if isinstance(dataset_size, dict) else 0
+    streamed = isinstance(dataset_size, dict)
+    workers = stream_workers(cfg.data.num_workers, dataset_size["shards"], world) if streamed else 0
     streams = position.get("streams")
     if (streams and position["dataset_size"] == dataset_size and len(streams) == world
             and position["global_batch"] == global_batch(cfg, world) and streams[0]["workers"] == workers):

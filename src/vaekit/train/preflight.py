@@ -48,7 +48,7 @@ def refuse_sharding(distributed_type=None):
 
 
 def run_check(what, check):
-    """(result, None) when `check()` succeeds, (None, (what, message)) when it raises; other errors log their traceback."""
+    """(result, None) when `check()` succeeds, else (None, (what, message)); unexpected errors log a traceback."""
     try:
         return check(), None
     except VaekitError as e:
