@@ -5,6 +5,7 @@
 - `sources`: folders, Hugging Face data sets, WebDataset shards, builtin:photos as indexed Sources;
 - `crops`: resizing, crops, aspect-ratio buckets, tensor conversion;
 - `batching`: batches of decoded images for evaluation and inspection;
+- `streaming`: WebDataset shards streamed for training, split by process and worker, resumable;
 - `training`: the trainer's dataset of seeded random crops and the held-out split.
 """
 
@@ -28,7 +29,11 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "resize_crop_to_bucket": "crops",
     "to_tensor": "crops",
     "to_pil": "crops",
+    "StreamingImages": "streaming",
+    "is_streamed": "streaming",
+    "open_stream": "streaming",
     "TrainImageDataset": "training",
+    "collate_stream": "training",
     "collate_images": "training",
     "build_train_val": "training",
 })

@@ -18,6 +18,7 @@ SmallImagePolicy = typing.Literal["upscale", "skip", "pad"]
 CROP_MODES = typing.get_args(CropMode)
 SMALL_IMAGE_POLICIES = typing.get_args(SmallImagePolicy)
 SOURCE_KINDS = ("auto", "folder", "hf", "webdataset", "builtin")
+StreamingMode = typing.Literal["auto", "on", "off"]
 
 
 @dataclasses.dataclass
@@ -37,6 +38,10 @@ class DataConfig:
     background: list[int] = dataclasses.field(default_factory=lambda: [255, 255, 255])  # behind transparency
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # decompression-bomb limit; None: Pillow's only
     holdout: float = 0.05  # validation images: a fraction (< 1) or a count (>= 1), chosen by key hash
+    # Read WebDataset shards as a stream (vaekit.data.streaming) instead of indexing them: auto streams
+    # what cannot be indexed (pipe:, URLs, .tar.gz / .tgz), on streams any shards, off always indexes.
+    # A streamed run holds out the first `holdout` samples (a count) of the last shard.
+    streaming: StreamingMode = "auto"
     num_workers: int = 2  # DataLoader worker processes
     seed: int = 0
 

@@ -183,6 +183,15 @@ def resize_crop_to_bucket(img, bucket, small_images="upscale", background=(255, 
     return prepare_image(img, tuple(bucket), "center", small_images=small_images, background=background)
 
 
+def train_pixels(img, rng, size, crop, flip, small_images, min_size, background):
+    """A training crop of a decoded image: (3, size, size) in [-1, 1], cropped and flipped by `rng`; ImageError if unusable."""
+    img, _ = prepare_image(img, size, crop, rng, small_images, min_size, background)
+    pixels = to_tensor(img)
+    if flip and rng.random() < 0.5:
+        pixels = pixels.flip(-1)  # (3, H, W), mirrored left-right
+    return pixels
+
+
 def to_tensor(img):
     """RGB PIL image -> float32 tensor (3, H, W) in [-1, 1]."""
     if img.mode != "RGB":

@@ -3,9 +3,10 @@
 import torch
 
 from vaekit.data.config import CROP_MODES, DEFAULT_MAX_PIXELS, SMALL_IMAGE_POLICIES
-from vaekit.data.crops import prepare_image, to_tensor
+from vaekit.data.crops import train_pixels
 from vaekit.data.decode import ImageError
 from vaekit.data.sources import open_source, split_holdout
+from vaekit.data.streaming import is_streamed, open_stream
 from vaekit.errors import VaekitError
 from vaekit.seeds import EpochSeeded, numpy_rng
 
@@ -46,12 +47,10 @@ class TrainImageDataset(EpochSeeded, torch.utils.data.Dataset):
         rng = numpy_rng(self.seed, epoch, index)
         try:
             img = record.decode(background=self.background, max_pixels=self.max_pixels)
-            img, _ = prepare_image(img, self.size, self.crop, rng, self.small_images, self.min_size, self.background)
+            pixels = train_pixels(img, rng, self.size, self.crop, self.flip, self.small_images, self.min_size,
+                                  self.background)
         except ImageError as e:
             return {"error": e.reason, "key": record.key}
-        pixels = to_tensor(img)
-        if self.flip and rng.random() < 0.5:
-            pixels = pixels.flip(-1)  # (3, H, W), mirrored left-right
         return {"pixels": pixels, "key": record.key}
 
 
@@ -66,17 +65,29 @@ def collate_images(batch):
     return {"pixels": pixels, "keys": [item["key"] for item in good], "errors": errors}
 
 
-def build_train_val(config, val_size=None):
+def collate_stream(batch):
+    """`collate_images` of streamed items, plus the worker stream the batch came from and the position after it."""
+    return {**collate_images(batch), "epochs": [item["position"][0] for item in batch if "pixels" in item],
+            "worker": batch[-1]["worker"], "position": list(batch[-1]["position"])}
+
+
+def build_train_val(config, val_size=None, order_seed=0):
     """(train dataset, held-out dataset or None) from a DataConfig; held-out crops are centred, unflipped.
 
     `val_size`: the held-out crops' side (default: the training crop size). A convolutional VAE
     trained on small crops reconstructs larger images too; whole-image structure shows at 256 px.
+    Shards that `config.streaming` streams give a `StreamingImages` (its shard order seeded by
+    `order_seed`) and the first `holdout` samples of the last shard as held-out images.
     """
-    source = open_source(config.path, config.source, config.split, config.image_column, config.key_column)
-    train_source, val_source = split_holdout(source, config.holdout, config.seed)
     common = dict(size=config.size, small_images=config.small_images, min_size=config.min_size,
                   background=config.background, max_pixels=config.max_pixels, seed=config.seed)
-    train = TrainImageDataset(train_source, crop=config.crop, flip=config.flip, **common)
+    if is_streamed(config.path, config.streaming, config.source):
+        train, val_source = open_stream(config, order_seed)
+    else:
+        source = open_source(config.path, config.source, config.split, config.image_column, config.key_column)
+        train_source, val_source = split_holdout(source, config.holdout, config.seed)
+        train = TrainImageDataset(train_source, crop=config.crop, flip=config.flip, **common)
+    if val_source is None or not len(val_source):
+        return train, None
     val_common = {**common, "size": val_size or config.size}
-    val = TrainImageDataset(val_source, crop="center", flip=False, **val_common) if len(val_source) else None
-    return train, val
+    return train, TrainImageDataset(val_source, crop="center", flip=False, **val_common)

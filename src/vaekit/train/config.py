@@ -123,6 +123,9 @@ class RunConfig:
     checkpoint_every: int = 500
     keep_last: int = 3  # checkpoints kept; 0 keeps all
     max_nonfinite_in_row: int = 20  # consecutive skipped steps before the run stops
+    # Seconds a process waits for the others at start-up and at every collective (all-reduce, checkpoint
+    # barrier, validation gather) before the run stops with an error; torch's own default is 30 minutes.
+    timeout_s: float = 1800.0
 
 
 @dataclass
@@ -145,6 +148,9 @@ class LogConfig:
     tracker: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     project: str = "vaekit"
     progress: bool = True  # tqdm bar on rank 0
+    # Write the key of every image each process trains on to out_dir/sample_keys/rank-NNNNN.tsv
+    # (step, epoch, key per line): audits the data order, its split across processes and resume.
+    sample_keys: bool = False
 
 
 @dataclass
@@ -171,6 +177,7 @@ RULES = {
     "train.checkpoint_every": (lambda v: v >= 1, "at least 1"),
     "train.keep_last": (lambda v: v >= 0, "0 (keep all) or more"),
     "train.max_nonfinite_in_row": (lambda v: v >= 1, "at least 1"),
+    "train.timeout_s": (lambda v: v > 0, "a number of seconds above 0"),
     "log.every": (lambda v: v >= 1, "at least 1"),
     "validation.batch_size": (lambda v: v >= 1, "at least 1"),
     "validation.every": (lambda v: v >= 0, "0 (only at the end) or more"),

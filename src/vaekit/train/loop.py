@@ -10,6 +10,9 @@ run trains with lives in `Parts`, what changes from step to step in `RunState`; 
   which crops and posterior noise) it uses derives from (seed, epoch, index) and (seed, step, slot),
   so resuming at step k and training to n gives the weights of an uninterrupted run to n.
 - Skipped (non-finite) steps and stop requests are agreed across processes, so they never diverge.
+- Before the first collective every process checks what it needs (`check_ready`) and all agree,
+  so a process that cannot start stops every process with one message instead of a hang.
+- Streamed shards (`vaekit.data.streaming`) resume from each worker stream's recorded position.
 """
 
 import contextlib
@@ -20,19 +23,22 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import (DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration,
+                               gather_object, set_seed)
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from vaekit.config import save_config, to_dict
-from vaekit.data.training import build_train_val, collate_images
+from vaekit.data.streaming import StreamingImages, check_stream, stream_workers
+from vaekit.data.training import build_train_val, collate_images, collate_stream
 from vaekit.device import launched_processes, needs_cpu_collectives
 from vaekit.errors import VaekitError
-from vaekit.io import remove_temporaries, write_json, write_text
+from vaekit.io import ensure_folder, remove_temporaries, write_json, write_text
 from vaekit.model.architecture import cast_vae, copy_vae, vae_config
 from vaekit.model.load import load_vae, save_diffusers
 from vaekit.seeds import torch_generator
@@ -41,6 +47,7 @@ from vaekit.train import checkpoint as ckpt
 from vaekit.train import losses
 from vaekit.train.config import check_config
 from vaekit.train.discriminator import DiscriminatorConfig, PatchDiscriminator
+from vaekit.train.preflight import agree_ready, refuse_sharding, run_check
 from vaekit.train.regularizers import build_regularizer, transform_rng
 from vaekit.train.sampler import StepBatchSampler
 from vaekit.train.steps import AutoencoderForTraining, discriminator_step, generator_step
@@ -93,55 +100,72 @@ class RunState:
     skipped_images: list = field(default_factory=list)
     history: list = field(default_factory=list)  # validation results of this session
     session_start: tuple = (0, 0)  # (step, nonfinite_skips) when this session started
+    # Streamed data only: this process's worker streams, micro-batches taken from them, and the position
+    # after the last batch each stream gave ([epoch, shard slot, samples read], None before its first).
+    stream: dict | None = None
+
+
+@dataclass
+class Ready:
+    """What every process checked and opened before the first collective (`check_ready`)."""
+
+    checkpoint: object  # a loaded train.checkpoint.Checkpoint, or None for a fresh run
+    vae: object  # the AutoencoderKL to train, as loaded (build_vae)
+    train_ds: object  # TrainImageDataset, or StreamingImages for streamed shards
+    val_ds: object
+    perceptual: object  # the LPIPS training loss, or None
+    metric_lpips: object  # the LPIPS network of validation metrics, or None
 
 
 def train(config, resume=None):
     """Run one training job; returns a dict with the run's output paths and final metrics."""
     check_config(config)
     cfg = config
+    refuse_sharding()  # from the environment, before any process group: every process stops alike
     accelerator = start_run(cfg)
-    checkpoint = find_checkpoint(resume, cfg.out_dir)
+    ready = check_ready(cfg, accelerator, resume)
+    checkpoint, train_ds, val_ds = ready.checkpoint, ready.train_ds, ready.val_ds
     if accelerator.is_main_process:
         save_config(cfg, Path(cfg.out_dir) / "config.yaml")
-    train_ds, val_ds = build_train_val(cfg.data, val_size=cfg.validation.size)
-    if len(train_ds) == 0:
-        raise VaekitError(f"No training images found in {cfg.data.path}.")
-    checkpoint = ckpt.load_checkpoint(checkpoint) if checkpoint is not None else None
-    parts = build_parts(cfg, accelerator, checkpoint)
+    parts = build_parts(cfg, accelerator, ready.vae, ready.perceptual)
     state = RunState()
     if checkpoint is not None:
-        restore(cfg, parts, state, checkpoint, len(train_ds))
-    record_unlisted(state, train_ds.source)
+        restore(cfg, parts, state, checkpoint, data_size(train_ds))
+    if not isinstance(train_ds, StreamingImages):
+        record_unlisted(state, train_ds.source)
     state.session_start = (state.step, state.nonfinite_skips)
     batches = make_batches(cfg, accelerator, train_ds, state)
-    validator = make_validator(cfg, parts, val_ds) if accelerator.is_main_process else None
-    start_tracking(cfg, accelerator, len(train_ds), validator)
+    key_log = open_key_log(cfg, accelerator.process_index, state.step)
+    validator = make_validator(cfg, parts, val_ds, ready.metric_lpips)
+    start_tracking(cfg, accelerator, train_ds, validator)
 
     progress, last_saved = Progress(accelerator, cfg, state.step, accelerator.num_processes), None
     with stop_on_signals(log) as stop:
         while state.step < cfg.train.steps:
-            images, logs, finite = train_step(cfg, parts, state, batches)
+            images, logs, finite = train_step(cfg, parts, state, batches, key_log)
             skipped, stopping = agree(accelerator, not finite, stop["signal"] is not None)
             count_skip(state, skipped)
             progress.update(state.step, images, logs)
             maybe_validate(cfg, parts, state, validator, has_holdout=val_ds is not None)
             if state.nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
-                path = save(cfg, parts, state, len(train_ds), interrupted=True)
+                path = save(cfg, parts, state, data_size(train_ds), interrupted=True)
                 raise VaekitError(
                     f"{state.nonfinite_in_row} steps in a row had a non-finite loss or gradient; stopped at step "
                     f"{state.step} (checkpoint {path}). Lower optim.lr, use train.mixed_precision=bf16 instead of "
                     f"fp16, or lower the loss weights.")
             if stopping:
-                path = save(cfg, parts, state, len(train_ds), interrupted=True)
+                path = save(cfg, parts, state, data_size(train_ds), interrupted=True)
                 progress.close()
                 log.info("Stopped at step %d; checkpoint %s. Continue with --resume latest.", state.step, path)
                 accelerator.end_training()
                 return {"checkpoint": path, "step": state.step, "interrupted": True, "signal": stop["signal"]}
             if state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.steps:
-                last_saved = save(cfg, parts, state, len(train_ds))
+                last_saved = save(cfg, parts, state, data_size(train_ds))
     progress.close()
+    if key_log is not None:
+        key_log.close()
     if last_saved is None and state.step > 0:
-        last_saved = save(cfg, parts, state, len(train_ds))  # resumed at the final step: keep a checkpoint of it
+        last_saved = save(cfg, parts, state, data_size(train_ds))  # resumed at the final step: keep a checkpoint of it
     check_trained(state, last_saved)
     return finish(cfg, parts, state, validator, last_saved)
 
@@ -151,23 +175,24 @@ def train(config, resume=None):
 
 
 def start_run(cfg):
-    """Accelerate's Accelerator for this run (processes, mixed precision, tracker), logging, TF32 and the seed."""
+    """Accelerate's Accelerator for this run (processes, mixed precision, tracker, collective timeout) and TF32."""
     accelerator = Accelerator(
         cpu=needs_cpu_collectives(),
         mixed_precision=cfg.train.mixed_precision,
         log_with=make_tracker_kwargs(cfg.log),
         project_config=ProjectConfiguration(project_dir=cfg.out_dir, logging_dir=str(Path(cfg.out_dir) / "tensorboard")),
-        # Every trainable parameter is used in every forward, so DDP need not search for unused ones.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        kwargs_handlers=[
+            # Every trainable parameter is used in every forward, so DDP need not search for unused ones.
+            DistributedDataParallelKwargs(find_unused_parameters=False),
+            # Bounds the start-up agreement and every later collective: a process that dies or hangs stops
+            # the others after this long with an error, instead of torch's 30 minutes.
+            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s)),
+        ],
     )
+    refuse_sharding(accelerator.distributed_type)  # e.g. chosen in `accelerate config` rather than the environment
     # Gradient accumulation is done by hand (no_sync on all but the last micro-batch) rather than with
     # accelerator.accumulate: the discriminator's micro-steps run after the VAE's optimizer step, and
     # Accelerate's single accumulation counter would interleave the two.
-    setup_logging(cfg.out_dir, accelerator.is_main_process)
-    if accelerator.is_main_process:  # what a killed run's atomic writes left: partial checkpoints, exports, grids
-        removed = sum(remove_temporaries(Path(cfg.out_dir) / sub) for sub in ("", "samples"))
-        if removed:
-            log.info("Removed %d temporary files and folders left by an interrupted run in %s.", removed, cfg.out_dir)
     if launched_processes() != accelerator.num_processes:
         raise VaekitError(f"{launched_processes()} processes were launched but Accelerate runs "
                           f"{accelerator.num_processes}; check the launcher flags.")
@@ -176,8 +201,84 @@ def start_run(cfg):
     if cfg.train.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    set_seed(cfg.train.seed)  # same seed on every process: identical initial weights and EMA
     return accelerator
+
+
+def check_ready(cfg, accelerator, resume):
+    """Each process's checks before the first collective (run folder, checkpoint, model, data, LPIPS), agreed.
+
+    A failure on any process raises the same VaekitError on every process (vaekit.train.preflight).
+    The processes also agree on what must be the same everywhere: the checkpoint they resume from
+    (nodes without a shared file system may see different ones), and whether the LPIPS loss and
+    metric are on (with `perceptual_if_missing: skip`, or a missing metric network, a process
+    without the weights turns them off for all, or the replicas would train on different losses).
+    """
+    failures = []
+
+    def check(what, action):
+        result, failure = run_check(what, action)
+        if failure is not None:
+            failures.append(failure)
+        return result
+
+    if accelerator.is_main_process:
+        check("run folder", lambda: prepare_run_folder(cfg.out_dir))
+    else:
+        setup_logging(cfg.out_dir, is_main=False)
+    if cfg.log.sample_keys:
+        check("run folder", lambda: ensure_folder(Path(cfg.out_dir) / "sample_keys"))
+    path = check("resume", lambda: find_checkpoint(resume, cfg.out_dir))
+    checkpoint = check("checkpoint", lambda: ckpt.load_checkpoint(path)) if path is not None else None
+    vae = check("model", lambda: build_vae(cfg, checkpoint))
+    # Building LPIPS draws from the global RNG; forked, it leaves the stream the discriminator and the
+    # alignment projection are drawn from where the VAE left it, as before these checks existed.
+    with torch.random.fork_rng(devices=[]):
+        data = check("data", lambda: open_training_data(cfg, accelerator)) or (None, None)
+        perceptual = check("LPIPS", lambda: build_perceptual(cfg.loss))
+        metric = None
+        if data[1] is not None:
+            metric = check("validation LPIPS", lambda: build_lpips_metric(cfg.validation.lpips_net,
+                                                                          cfg.loss.lpips_path, perceptual))
+    facts = {"resume_step": checkpoint.meta["step"] if checkpoint is not None else None,
+             "perceptual": perceptual is not None, "metric": metric is not None}
+    everyone = agree_ready(accelerator, failures, facts)
+    steps = [f["resume_step"] for f in everyone]
+    if len(set(steps)) > 1:
+        raise VaekitError(f"The processes would resume from different checkpoints (steps by rank: {steps}); "
+                          f"every node must see the same out_dir (a shared file system) or get --resume PATH.")
+    if perceptual is not None and not all(f["perceptual"] for f in everyone):
+        log.warning("LPIPS weights are missing on some processes: every process trains WITHOUT the perceptual term.")
+        perceptual = None
+    if metric is not None and not all(f["metric"] for f in everyone):
+        log.warning("Validation LPIPS is unavailable on some processes: reporting PSNR and SSIM only.")
+        metric = None
+    return Ready(checkpoint, vae, data[0], data[1], perceptual, metric)
+
+
+def prepare_run_folder(out_dir):
+    """Create the run folder and its log (main process), and remove what a killed run's atomic writes left."""
+    setup_logging(out_dir, is_main=True)
+    removed = sum(remove_temporaries(Path(out_dir) / sub) for sub in ("", "samples"))
+    if removed:
+        log.info("Removed %d temporary files and folders left by an interrupted run in %s.", removed, out_dir)
+
+
+def open_training_data(cfg, accelerator):
+    """(training data, held-out data or None), checked to give this process images to train on."""
+    train_ds, val_ds = build_train_val(cfg.data, val_size=cfg.validation.size, order_seed=cfg.train.seed)
+    if isinstance(train_ds, StreamingImages):
+        check_stream(train_ds, accelerator.process_index, accelerator.num_processes)
+    elif len(train_ds) == 0:
+        raise VaekitError(f"No training images found in {cfg.data.path}.")
+    return train_ds, val_ds
+
+
+def data_size(train_ds):
+    """The number of training images, or for streamed shards their count and list (resume checks that they match)."""
+    if isinstance(train_ds, StreamingImages):
+        return {"shards": len(train_ds.urls),
+                "shard_list": hashlib.sha256("\n".join(train_ds.urls).encode()).hexdigest()[:16]}
+    return len(train_ds)
 
 
 def find_checkpoint(resume, out_dir):
@@ -193,13 +294,21 @@ def find_checkpoint(resume, out_dir):
     return checkpoint
 
 
-def build_parts(cfg, accelerator, checkpoint=None):
-    """The VAE (fp32, from the checkpoint's architecture when resuming), discriminator, LPIPS, EMA, optimizers."""
-    device = accelerator.device
+def build_vae(cfg, checkpoint=None):
+    """The VAE to train: from the checkpoint (its architecture and weights) when resuming, else from model.source.
+
+    Seeded first, with the same seed on every process: a preset's initial weights are identical
+    everywhere (and DDP's first broadcast changes nothing).
+    """
+    set_seed(cfg.train.seed)
     if checkpoint is not None:
-        vae = ckpt.checkpoint_vae(checkpoint.meta, checkpoint.weights["vae"], checkpoint.path)
-    else:
-        vae = load_vae(cfg.model.source, overrides=cfg.model.overrides)
+        return ckpt.checkpoint_vae(checkpoint.meta, checkpoint.weights["vae"], checkpoint.path)
+    return load_vae(cfg.model.source, overrides=cfg.model.overrides)
+
+
+def build_parts(cfg, accelerator, vae, perceptual=None):
+    """The fp32 VAE prepared with its discriminator, EMA and optimizers; the VAE and LPIPS loss from `check_ready`."""
+    device = accelerator.device
     cast_vae(vae, device=device, dtype=torch.float32)  # fp32 master weights, whatever the stored dtype
     if cfg.model.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
@@ -214,7 +323,6 @@ def build_parts(cfg, accelerator, checkpoint=None):
     if cfg.disc.weight > 0:
         disc = PatchDiscriminator(DiscriminatorConfig(n_layers=cfg.disc.n_layers, base_channels=cfg.disc.base_channels,
                                                       norm=cfg.disc.norm)).to(device)
-    perceptual = build_perceptual(cfg.loss)
     if perceptual is not None:
         perceptual.to(device)
     ema = None
@@ -265,6 +373,8 @@ def global_batch(cfg, world):
 
 def make_batches(cfg, accelerator, train_ds, state):
     """An endless iterator of this process's micro-batches, starting at the run's data position."""
+    if isinstance(train_ds, StreamingImages):
+        return stream_batches(cfg, accelerator, train_ds, state)
     sampler = StepBatchSampler(len(train_ds), cfg.train.batch_size, cfg.train.grad_accum, accelerator.num_processes,
                                accelerator.process_index, cfg.train.seed, state.epoch, state.batch_in_epoch)
     state.steps_per_epoch = sampler.steps_per_epoch
@@ -275,8 +385,25 @@ def make_batches(cfg, accelerator, train_ds, state):
     return iter(loader)
 
 
-def make_validator(cfg, parts, val_ds):
-    """The held-out images and their scorer (main process), or None without held-out images."""
+def stream_batches(cfg, accelerator, stream, state):
+    """Micro-batches of streamed shards: each DataLoader worker one stream, resumed at its recorded position."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    workers = stream_workers(cfg.data.num_workers, len(stream.urls), world)
+    if state.stream is None or state.stream["workers"] != workers:
+        state.stream = {"workers": workers, "batches": 0, "positions": [None] * workers}
+    state.steps_per_epoch = math.inf  # epochs are per worker stream here, carried in the positions
+    # Workers hand out batches in turn; after n batches it is stream n % workers's turn, so DataLoader
+    # worker 0 plays that stream and the batch sequence continues as if never interrupted.
+    view = stream.for_process(rank, world, workers, state.stream["positions"], rotation=state.stream["batches"])
+    loader = torch.utils.data.DataLoader(view, batch_size=cfg.train.batch_size, collate_fn=collate_stream,
+                                         num_workers=workers if cfg.data.num_workers else 0,
+                                         pin_memory=accelerator.device.type == "cuda",
+                                         worker_init_fn=ignore_stop_signals)
+    return iter(loader)
+
+
+def make_validator(cfg, parts, val_ds, lpips_net):
+    """The held-out images and their scorer (every process scores its share), or None without held-out images."""
     if val_ds is None:
         return None
     images, keys, errors = take_images(val_ds, max(cfg.validation.num_images, cfg.validation.final_images))
@@ -284,13 +411,30 @@ def make_validator(cfg, parts, val_ds):
         log.warning("Held-out image skipped: %s", error)
     if images is None:
         return None
-    lpips_net = build_lpips_metric(cfg.validation.lpips_net, cfg.loss.lpips_path, parts.perceptual)
     if lpips_net is not None:
         lpips_net.to(parts.accelerator.device)
-    return Validator(images, keys, lpips_net, cfg.validation.batch_size, parts.vae)
+    accelerator = parts.accelerator
+    return Validator(images, keys, lpips_net, cfg.validation.batch_size, parts.vae, accelerator.process_index,
+                     accelerator.num_processes)
 
 
-def start_tracking(cfg, accelerator, train_images, validator):
+def open_key_log(cfg, rank, step):
+    """This process's sample-key log (log.sample_keys), without the lines of steps after `step`; None when off.
+
+    One line per image trained on: step, epoch, key. Lines of steps after the checkpoint a run
+    resumes from (a killed run's last steps) are dropped, so the file lists what the weights saw.
+    """
+    if not cfg.log.sample_keys:
+        return None
+    path = Path(cfg.out_dir) / "sample_keys" / f"rank-{rank:05d}.tsv"
+    kept = []
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines(keepends=True) if int(line.split("\t", 1)[0]) <= step]
+    write_text(path, "".join(kept))
+    return open(path, "a", encoding="utf-8")
+
+
+def start_tracking(cfg, accelerator, train_ds, validator):
     """Open the experiment tracker and log what the run is about to do."""
     if cfg.log.tracker == "tensorboard":
         accelerator.init_trackers(cfg.log.project)
@@ -298,10 +442,14 @@ def start_tracking(cfg, accelerator, train_images, validator):
             accelerator.get_tracker("tensorboard", unwrap=True).add_hparams(flat_hparams(cfg), {}, run_name="hparams")
     elif cfg.log.tracker != "none":
         accelerator.init_trackers(cfg.log.project, config=flat_hparams(cfg))
+    if isinstance(train_ds, StreamingImages):
+        training = f"training images streamed from {len(train_ds.urls)} shards"
+    else:
+        training = f"{len(train_ds)} training images"
     log.info("Training %s (%s mode) for %d steps: %d images per step = %d per process x %d processes x %d "
-             "accumulation; %d training and %d held-out images; run folder %s",
+             "accumulation; %s and %d held-out images; run folder %s",
              cfg.model.source, cfg.model.mode, cfg.train.steps, global_batch(cfg, accelerator.num_processes),
-             cfg.train.batch_size, accelerator.num_processes, cfg.train.grad_accum, train_images,
+             cfg.train.batch_size, accelerator.num_processes, cfg.train.grad_accum, training,
              0 if validator is None else len(validator.images), cfg.out_dir)
 
 
@@ -309,14 +457,14 @@ def start_tracking(cfg, accelerator, train_images, validator):
 # One step
 
 
-def train_step(cfg, parts, state, batches):
+def train_step(cfg, parts, state, batches, key_log=None):
     """One optimizer step of the VAE and, once it is on, of the discriminator; returns (images, logs, finite)."""
     parts.model.train()
     if parts.disc is not None:
         parts.disc.train()
     disc_active = parts.disc is not None and state.step >= cfg.disc.start
     kl_weight = losses.kl_weight_at(state.step, cfg.loss.kl_weight, cfg.loss.kl_warmup_steps)
-    kept, images, logs, finite = vae_update(cfg, parts, state, batches, kl_weight, disc_active)
+    kept, images, logs, finite = vae_update(cfg, parts, state, batches, kl_weight, disc_active, key_log)
     if disc_active:
         finite = disc_update(cfg, parts, state, kept, logs) and finite
     logs.update(grad_norm=logs.pop("grad_norm"), lr=parts.sched_g.get_last_lr()[0], kl_weight=kl_weight)
@@ -328,7 +476,7 @@ def train_step(cfg, parts, state, batches):
     return images, logs, finite
 
 
-def vae_update(cfg, parts, state, batches, kl_weight, disc_active):
+def vae_update(cfg, parts, state, batches, kl_weight, disc_active, key_log=None):
     """Generator micro-steps over grad_accum micro-batches, then the VAE's optimizer step and EMA.
 
     Returns ([(x, reconstruction, loss weight)] per micro-batch for the discriminator, images used,
@@ -340,6 +488,7 @@ def vae_update(cfg, parts, state, batches, kl_weight, disc_active):
     kept, images, logs = [], 0, {}
     for m in range(accum):
         batch = next(batches)
+        note_batch(state, batch, key_log)
         for error in batch["errors"]:
             text = f"{error['key']}: {error['error']}"
             log.warning("Skipped an image that cannot be used: %s", text)
@@ -384,6 +533,17 @@ def disc_update(cfg, parts, state, kept, logs):
     finite, updated = optimizer_step(accelerator, parts.opt_d, parts.sched_d, grad_norm)
     state.disc_updates += int(updated)
     return finite
+
+
+def note_batch(state, batch, key_log):
+    """Record where a streamed batch leaves its worker stream, and log its keys when log.sample_keys is on."""
+    if "worker" in batch:
+        state.stream["positions"][batch["worker"]] = batch["position"]
+        state.stream["batches"] += 1
+    if key_log is not None:
+        epochs = batch.get("epochs") or [state.epoch] * len(batch["keys"])
+        key_log.write("".join(f"{state.step + 1}\t{e}\t{k}\n" for e, k in zip(epochs, batch["keys"])))
+        key_log.flush()
 
 
 def add_logs(total, logs, count):
@@ -452,13 +612,14 @@ def count_skip(state, skipped):
 
 
 def maybe_validate(cfg, parts, state, validator, has_holdout):
-    """Score the held-out images every validation.every steps (main process; the others wait for it)."""
+    """Score the held-out images every validation.every steps (every process its share; the main one reports)."""
     every = cfg.validation.every
     if not (has_holdout and every and state.step % every == 0 and state.step < cfg.train.steps):
         return
     if validator is not None:
         path = Path(cfg.out_dir) / "samples" / f"step-{state.step:06d}.png"
         values = validator.run(parts.export_state(), cfg.validation.num_images, path)
+    if validator is not None and parts.accelerator.is_main_process:
         state.history.append({"step": state.step, **values})
         parts.accelerator.log({f"val/{k}": v for k, v in values.items() if v is not None}, step=state.step)
         log.info("step %d  validation  %s", state.step, format_metrics(values))
@@ -476,6 +637,7 @@ def save(cfg, parts, state, dataset_size, interrupted=False):
         torch.tensor([state.images_seen], device=accelerator.device), "sum").item()
     fingerprints = gather_object([replica_fingerprint(parts.vae)])
     skipped = sorted(set(state.skipped_images).union(*gather_object([state.skipped_images])))
+    streams = gather_object([state.stream]) if state.stream is not None else None
     if len(set(fingerprints)) > 1:
         raise VaekitError("The processes hold different weights (DDP replicas diverged); this is a bug in vaekit.")
     path = ckpt.checkpoint_path(cfg.out_dir, state.step)
@@ -492,7 +654,7 @@ def save(cfg, parts, state, dataset_size, interrupted=False):
             "vae_config": vae_config(parts.vae),
             "data": {"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
                      "global_batch": global_batch(cfg, accelerator.num_processes), "dataset_size": dataset_size,
-                     "processes": accelerator.num_processes},
+                     "processes": accelerator.num_processes, **({"streams": streams} if streams else {})},
             "loop": {"images_seen": int(images), "nonfinite_skips": state.nonfinite_skips,
                      "nonfinite_in_row": state.nonfinite_in_row, "disc_updates": state.disc_updates},
             "schedulers": {"vae": parts.sched_g.state_dict(),
@@ -513,7 +675,7 @@ def save(cfg, parts, state, dataset_size, interrupted=False):
 def restore(cfg, parts, state, checkpoint, dataset_size):
     """Load a checkpoint's optimizers, schedules, discriminator, EMA, RNG and position into the run; inverse of `save`.
 
-    The VAE's own weights were loaded by `build_parts`, which builds it from the checkpoint.
+    The VAE's own weights were loaded by `build_vae`, which builds it from the checkpoint.
     """
     meta = checkpoint.meta
     loop = meta["loop"]
@@ -524,7 +686,9 @@ def restore(cfg, parts, state, checkpoint, dataset_size):
     state.disc_updates = loop.get("disc_updates", 0)
     state.skipped_images = list(meta.get("skipped_images", []))
     position = meta["data"]
-    if position["global_batch"] == global_batch(cfg, parts.accelerator.num_processes) \
+    if isinstance(dataset_size, dict) or "streams" in position:
+        restore_stream(cfg, parts.accelerator, state, position, dataset_size)
+    elif position["global_batch"] == global_batch(cfg, parts.accelerator.num_processes) \
             and position["dataset_size"] == dataset_size:
         state.epoch, state.batch_in_epoch = position["epoch"], position["batch_in_epoch"]
     else:  # the order of a different batch layout would not match; start its next epoch cleanly
@@ -557,6 +721,30 @@ def restore(cfg, parts, state, checkpoint, dataset_size):
         parts.accelerator.scaler.load_state_dict(meta["scaler"])
     ckpt.set_rng_state(checkpoint.rng)
     log.info("Resumed from %s at step %d.", checkpoint.path, state.step)
+
+
+def restore_stream(cfg, accelerator, state, position, dataset_size):
+    """Put back this process's worker-stream positions; a changed layout or shard list starts the next epoch.
+
+    The positions are only valid for the same shards, processes, batch size and worker streams;
+    otherwise every stream starts the epoch after the latest one any stream had reached, so no
+    sample of the interrupted epoch is seen twice (its unread rest is skipped).
+    """
+    world = accelerator.num_processes
+    streamed = isinstance(dataset_size, dict)
+    workers = stream_workers(cfg.data.num_workers, dataset_size["shards"], world) if streamed else 0
+    streams = position.get("streams")
+    if (streams and position["dataset_size"] == dataset_size and len(streams) == world
+            and position["global_batch"] == global_batch(cfg, world) and streams[0]["workers"] == workers):
+        state.stream = streams[accelerator.process_index]
+        return
+    reached = [p[0] for s in streams or [] for p in s["positions"] if p is not None]
+    epoch = max(reached, default=position.get("epoch", 0)) + 1
+    state.stream = {"workers": workers, "batches": 0, "positions": [[epoch, 0, 0]] * workers} if workers else None
+    log.warning("The shards, process count, batch size or data.num_workers changed since the checkpoint (or it "
+                "was not streamed); continuing from the start of epoch %d.", epoch)
+    if not workers:  # streamed before, indexed now
+        state.epoch, state.batch_in_epoch = epoch, 0
 
 
 # Schedules whose shape depends on the run's total length (diffusers' get_scheduler num_training_steps).
@@ -610,6 +798,9 @@ def finish(cfg, parts, state, validator, last_saved):
     """Export the weights (EMA when on), score all held-out images, and say where everything is."""
     accelerator, out_dir = parts.accelerator, Path(cfg.out_dir)
     result = {"checkpoint": last_saved, "step": state.step, "interrupted": False}
+    values = None
+    if validator is not None:  # every process scores its share; the main process gets the metrics
+        values = validator.run(parts.export_state(), len(validator.images), out_dir / "reconstructions.png")
     if accelerator.is_main_process:
         export = cast_vae(copy_vae(parts.vae), device="cpu")
         export.load_state_dict(parts.export_state())
@@ -618,7 +809,6 @@ def finish(cfg, parts, state, validator, last_saved):
         lines = [f"Finished {state.step} steps. Outputs in {out_dir}:",
                  f"  diffusers export ({'EMA' if weights == 'ema' else 'trained'} weights)  {result['export']}"]
         if validator is not None:
-            values = validator.run(parts.export_state(), len(validator.images), out_dir / "reconstructions.png")
             values.update(step=state.step, weights=weights,
                           lpips_net=cfg.validation.lpips_net if values["lpips"] is not None else None)
             write_json(out_dir / "metrics.json", values)

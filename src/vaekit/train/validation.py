@@ -38,8 +38,20 @@ def validate(vae, images, lpips_net=None, batch_size=4):
     psnr, lp = torch.cat(psnr), (torch.cat(lp) if lp else None)
     values = {"psnr": psnr.mean().item(), "ssim": torch.cat(ssim).mean().item(),
               "lpips": lp.mean().item() if lp is not None else None, "images": len(images)}
-    rows = [{"psnr": float(psnr[i]), "lpips": float(lp[i]) if lp is not None else None} for i in range(len(images))]
+    ssim = torch.cat(ssim)
+    rows = [{"psnr": float(psnr[i]), "ssim": float(ssim[i]), "lpips": float(lp[i]) if lp is not None else None}
+            for i in range(len(images))]
     return values, torch.cat(recons), rows
+
+
+def summarize(rows):
+    """The metrics of `validate` from its per-image rows, averaged the same way (float32 means in image order)."""
+    def mean(name):
+        return torch.tensor([r[name] for r in rows], dtype=torch.float32).mean().item()
+
+    has_lpips = bool(rows) and rows[0]["lpips"] is not None
+    return {"psnr": mean("psnr"), "ssim": mean("ssim"), "lpips": mean("lpips") if has_lpips else None,
+            "images": len(rows)}
 
 
 def save_grid(originals, recons, path, keys=None, rows=None):
@@ -94,16 +106,40 @@ def format_metrics(values):
 
 
 class Validator:
-    """The held-out images of a run and what scores them; only the main process holds one."""
+    """The held-out images of a run and what scores them; every process holds one and scores its share.
 
-    def __init__(self, images, keys, lpips_net, batch_size, vae):
+    With several processes, process r reconstructs images r, r + w, ... and the main process gathers
+    the per-image metrics and reconstructions: the means are those of one process scoring all
+    images (the same per-image values, averaged in image order), in 1/w of the time.
+    """
+
+    def __init__(self, images, keys, lpips_net, batch_size, vae, rank=0, world=1):
         self.images, self.keys, self.lpips_net, self.batch_size = images, keys, lpips_net, batch_size
+        self.rank, self.world = rank, world
         self.scratch = copy_vae(vae)  # receives the weights to score, so the trained model is never touched
 
     def run(self, state_dict, limit, grid_path):
-        """Score the first `limit` held-out images with `state_dict` and save their grid; returns the metrics."""
+        """Score the first `limit` held-out images with `state_dict` and save their grid; returns the metrics.
+
+        Every process must call it; with several, only the main process gets the metrics (others None).
+        """
         self.scratch.load_state_dict(state_dict)
         images = self.images[:limit]
-        values, recons, rows = validate(self.scratch, images, self.lpips_net, self.batch_size)
+        if self.world == 1:
+            values, recons, rows = validate(self.scratch, images, self.lpips_net, self.batch_size)
+            save_grid(images, recons, grid_path, self.keys[:limit], rows)
+            return values
+        mine = list(range(self.rank, len(images), self.world))
+        share = None
+        if mine:
+            _, recons, rows = validate(self.scratch, images[mine], self.lpips_net, self.batch_size)
+            share = (mine, rows, recons.half())  # fp16 halves the transfer; only the grid's pictures use it
+        shares = [None] * self.world if self.rank == 0 else None
+        torch.distributed.gather_object(share, shares, dst=0)
+        if self.rank != 0:
+            return None
+        found = {i: (row, recon) for part in shares if part is not None for i, row, recon in zip(*part)}
+        rows = [found[i][0] for i in range(len(images))]
+        recons = torch.stack([found[i][1].float() for i in range(len(images))])
         save_grid(images, recons, grid_path, self.keys[:limit], rows)
-        return values
+        return summarize(rows)
