@@ -42,9 +42,12 @@ def migrate_cache(cache_dir):
     shutil.rmtree(cache_dir / "units", ignore_errors=True)  # what a killed migration left
     ensure_folder(cache_dir / "units")
     entries = v1.current_entries(v1.read_manifests(cache_dir))
-    by_shard = {}
-    for entry in entries:
-        by_shard.setdefault(entry["shard"], []).append(entry)
+    images = {}
+    for entry in entries:  # the plain and the mirrored entry of an image become one index row
+        images.setdefault(entry["key"], {})[bool(entry["flip"])] = entry
+    by_shard = {}  # an image goes to the unit of its plain entry's shard
+    for key, variants in images.items():
+        by_shard.setdefault((variants.get(False) or variants[True])["shard"], {})[key] = variants
     reader, token, catalog, images = v1.ShardReader(cache_dir), new_token(), [], 0
     store = card["key"]["store"]
     for unit, shard in enumerate(sorted(by_shard)):
@@ -59,11 +62,8 @@ def migrate_cache(cache_dir):
     return {"units": len(catalog), "images": images, "samples": len(entries), "already": False}
 
 
-def write_unit(cache_dir, unit, entries, reader, token, store):
-    """One unit from one format-1 shard's current entries; returns its image count."""
-    images = {}
-    for entry in entries:  # the plain and the mirrored entry of an image go into one index row
-        images.setdefault(entry["key"], {})[bool(entry["flip"])] = entry
+def write_unit(cache_dir, unit, images, reader, token, store):
+    """One unit from the images ({key: {flip: entry}}) of one format-1 shard; returns its image count."""
     groups, rows = {}, []
     for key in sorted(images):
         variants = images[key]
@@ -86,7 +86,9 @@ def write_unit(cache_dir, unit, entries, reader, token, store):
     name = f"{unit_name(unit)}.p000.{token}.safetensors"
     tensors = {f"{kind}/{group}": torch.stack(data[kind]) for group, data in groups.items()
                for kind in ("mean", "logvar") if data[kind]}  # (N, C, h, w)
-    meta = {"format": FORMAT_VERSION, "unit": unit, "label": f"format-1 {entries[0]['shard']}", "signature": "migrated",
+    first = next(iter(images.values()))
+    label = f"format-1 {(first.get(False) or first[True])['shard']}"
+    meta = {"format": FORMAT_VERSION, "unit": unit, "label": label, "signature": "migrated",
             "token": token, "parts": [name], "rows": len(rows), "errors": []}
     with unit_files(cache_dir, unit) as staging:
         save_safetensors(tensors, staging / name, metadata={"count": str(sum(len(d["mean"]) for d in groups.values()))})
