@@ -15,6 +15,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def reset_accelerate():
+    """Forget Accelerate's process-wide state (precision, device), as its own tests do between runs."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """A clean Accelerate state after the test: every in-process run starts as a new process would."""
+    yield
+    reset_accelerate()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Pretrained LPIPS / FID weights (vaekit.pretrained): fetched once into the user cache, then instant.
 

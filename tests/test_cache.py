@@ -121,6 +121,22 @@ def test_streamed_shards_on_three_processes_once_each_and_a_killed_rank_redone_a
     assert sum("encoded 3 images" in o for o, _ in outputs) == 1, "the last rank to finish reports the run"
 
 
+def test_a_process_that_cannot_open_its_data_stops_every_process_with_its_message(tmp_path, vae_dir):
+    data = tmp_path / "images"
+    write_photos(data, 4)
+    out, port = tmp_path / "cache", free_port()
+    # Two nodes: the second lacks the data. Nobody may wait for it in a collective.
+    commands = [encode_command(vae_dir, data, out, "--num_workers", 0),
+                encode_command(vae_dir, tmp_path / "not-mounted", out, "--num_workers", 0)]
+    ranks = [launch(command, rank, 2, port) for rank, command in enumerate(commands)]
+    outputs = [process.communicate(timeout=120) for process in ranks]
+    assert [p.returncode for p in ranks] == [2, 2]
+    for _, stderr in outputs:
+        assert "Process 1: Data not found" in stderr and "not-mounted" in stderr, stderr[-2000:]
+        assert "Traceback" not in stderr
+    assert not list_units(out)
+
+
 def test_local_shard_folder_of_plain_and_gzipped_tars(tmp_path, vae_dir):
     write_shards(tmp_path / "shards", 1, 2, compress=False)
     write_shards(tmp_path / "shards" / "more", 1, 2, start_seed=10, prefix="t")  # sub-folders are searched too

@@ -36,6 +36,7 @@ def rows_by_variant(doc):
     return {(r["variant"], r["batch"]): r for r in doc["rows"]}
 
 
+@pytest.mark.slow  # both GPU-check phases rehearsed end to end, 30 s on 2 cores: `make test-slow`
 def test_rows_land_one_by_one_and_a_killed_phase_keeps_them(tmp_path):
     out = tmp_path / "out"
     # Row 2 fails, row 4 hangs (a stuck kernel or compile) until the 25 s phase timeout kills the phase;

@@ -26,14 +26,7 @@ ODD_NAME = os.fsdecode(b"caf\xe9.png")  # a file name that is not valid UTF-8
 ODD_KEY = "caf\\xe9.png"  # how vaekit writes it in lists, manifests, CSV and HTML
 
 
-@pytest.fixture(autouse=True)
-def clean_accelerate():
-    """A clean Accelerate state for every in-process run (it keeps one process-wide state)."""
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 @pytest.fixture

@@ -296,6 +296,7 @@ def test_inspect_precision_flags_layers_that_overflow_fp16(tmp_path, model_dir, 
 # The benchmark script runs end to end (its numbers are for the README, not for tests)
 
 
+@pytest.mark.slow  # a real benchmark run, 30 s on 2 cores: `make test-slow`
 def test_bench_tiling_script_runs_and_reports_exact_tiles(tmp_path, model_dir):
     make_photo(200, 200, seed=5).save(tmp_path / "photo.png")
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_tiling.py"

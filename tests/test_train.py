@@ -19,6 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 import imagegen
+from conftest import reset_accelerate
 from vaekit.train import losses
 from vaekit.cli import main
 from vaekit.config import load_config
@@ -43,13 +44,9 @@ def random_lpips():
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch):
     """Random-backbone LPIPS for loss and metric; a clean Accelerate state for every in-process run."""
-    from accelerate.state import AcceleratorState, GradientState
-
     monkeypatch.setattr("vaekit.pretrained.backbones.load_lpips", lambda net="vgg", path=None, device=None, **kw: random_lpips())
     yield
-    # Accelerate keeps one process-wide state (precision, device); its own tests reset it the same way.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 @pytest.fixture(scope="module")

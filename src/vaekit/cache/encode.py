@@ -217,17 +217,8 @@ def remove_units_beyond(out, count):
             clean_unit(out, unit, keep=())
 
 
-def encode_dataset(config, vae=None, progress=True):
-    """Encode `config.data` into the cache `config.out`; returns the summary dict on the process that
-    finalised the cache (the last to finish), None on the others.
-
-    `vae` (moved to the device, dtype and memory format of the run) replaces loading `config.vae`.
-    """
-    if not config.out or not config.data:
-        raise VaekitError("Pass --data SRC (the images) and --out DIR (the cache folder).")
-    started = time.perf_counter()
-    state = process_state()
-    rank, world, device = state.process_index, state.num_processes, state.device
+def prepare_encode(config, vae, device):
+    """(vae, size policy, cache key, unit plan, card, BulkEncoder) of a run, before the cache is touched."""
     if vae is None:
         vae = load_encoder_vae(config)
     policy = size_policy(config, downsample_factor(vae))
@@ -239,11 +230,36 @@ def encode_dataset(config, vae=None, progress=True):
                     "config": vae_config(vae), "downsample_factor": downsample_factor(vae),
                     "latent_channels": latent_channels(vae)},
             "vaekit_version": __version__}
-    out = Path(config.out)
     tile_option(vae, config.tile)
-    # Built before the cache is touched and after the fingerprint (which hashes dtypes; the cast is here).
+    # Built after the fingerprint, which hashes dtypes: the encoder casts.
     encoder = BulkEncoder(vae, device, resolve_compute_dtype(config.compute_dtype, device), config.channels_last,
                           config.compile, config.tile)
+    return vae, policy, key, plan, card, encoder
+
+
+def encode_dataset(config, vae=None, progress=True):
+    """Encode `config.data` into the cache `config.out`; returns the summary dict on the process that
+    finalised the cache (the last to finish), None on the others.
+
+    `vae` (moved to the device, dtype and memory format of the run) replaces loading `config.vae`.
+    """
+    if not config.out or not config.data:
+        raise VaekitError("Pass --data SRC (the images) and --out DIR (the cache folder).")
+    started = time.perf_counter()
+    state = process_state()
+    rank, world = state.process_index, state.num_processes
+    try:  # what each process needs: the VAE, the data, the unit plan (a node may lack any of them)
+        vae, policy, key, plan, card, encoder = prepare_encode(config, vae, state.device)
+    except Exception as e:
+        if world == 1:
+            raise
+        # Told to every process before any waits on this one, so a missing file is an error, not a hang.
+        reason = str(e) if isinstance(e, VaekitError) else f"{type(e).__name__}: {e}"
+        raise_disagreement(agree(state, {"error": reason}))
+    else:
+        if world > 1:
+            raise_disagreement(agree(state, {"error": None}))
+    out = Path(config.out)
     token = start_cache(state, out, key, card, plan, config.overwrite)
 
     todo, dirty, unchanged = units_to_encode(out, plan, range(rank, plan.count, world))
@@ -255,7 +271,8 @@ def encode_dataset(config, vae=None, progress=True):
     writer = UnitWriter(out, token, config.shard_size, config.store, heartbeat)
     try:
         if held:
-            encode_units(encoder, plan, held, policy, config, device, writer, counters, progress and state.is_main_process)
+            encode_units(encoder, plan, held, policy, config, state.device, writer, counters,
+                         progress and state.is_main_process)
     finally:
         heartbeat.close()
         for unit in held:  # released by the writer as each unit ends; these are the units a failure cut short
