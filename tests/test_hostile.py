@@ -23,7 +23,7 @@ from vaekit.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
 ODD_NAME = os.fsdecode(b"caf\xe9.png")  # a file name that is not valid UTF-8
-ODD_KEY = "caf\\xe9.png"  # how vaekit writes it in lists, manifests, CSV and HTML
+ODD_KEY = "caf\\xe9.png"  # how vaekit writes it in lists, cache indices, CSV and HTML
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")

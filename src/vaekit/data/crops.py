@@ -48,7 +48,7 @@ class Crop:
         return (left * sx, top * sy, right * sx, bottom * sy)
 
     def to_dict(self):
-        """Plain lists, for JSON manifests."""
+        """Plain lists, for JSON files."""
         return {"original_size": list(self.original_size), "resized_size": list(self.resized_size),
                 "box": list(self.box)}
 

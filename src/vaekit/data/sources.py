@@ -139,7 +139,7 @@ def display_text(text):
     """`text` with any undecodable bytes of a file name (lone surrogates) written as \\xNN escapes.
 
     A name that is not valid UTF-8 keeps its bytes in the path used to read the file; its key, which
-    is written into manifests, lists, CSV and HTML, is this valid, readable spelling of it.
+    is written into cache indices, lists, CSV and HTML, is this valid, readable spelling of it.
     """
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
