@@ -153,6 +153,10 @@ def test_full_rehearsal_on_cpu(tmp_path, part):
                           capture_output=True, text=True, timeout=1500, cwd=ROOT)
     doc = strict_json(out / "results.json")
     bad = [(r["id"], r["status"], r.get("error")) for r in doc["rows"] if r["status"] != "ok"]
+    if not (ROOT / ".gpu_carry" / "lpips").is_dir():  # a checkout without `bash scripts/prepare_gpu_carry.sh`
+        expected = [b for b in bad if b[0] == "env: lpips weights | check" and "no LPIPS-vgg weights" in b[2]]
+        assert expected, "the check must say that the carried LPIPS weights are missing"
+        bad = [b for b in bad if b not in expected]
     assert done.returncode == 0 and not bad, (bad, done.stdout[-3000:])
     for r in doc["rows"]:
         if r.get("psnr_db") is not None:

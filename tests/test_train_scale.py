@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 import imagegen
+from test_train import write_config as write_tiny_config
 from vaekit.cli import main
 
 torch.set_num_threads(1)
@@ -68,19 +68,9 @@ def pipe_spec(folder):
 
 
 def write_config(path, out_dir, data_path, **sections):
-    """A tiny-model config: 32 px crops, no tracker, no progress bar, sample keys logged."""
-    config = {
-        "out_dir": str(out_dir),
-        "model": {"source": "preset:tiny"},
-        "data": {"path": str(data_path), "size": 32, "holdout": 2, "num_workers": 0},
-        "train": {"steps": 2, "batch_size": 2, "checkpoint_every": 100},
-        "validation": {"every": 0, "num_images": 2, "final_images": 2, "lpips_net": "alex"},
-        "log": {"tracker": "none", "progress": False, "sample_keys": True},
-    }
-    for section, values in sections.items():
-        config.setdefault(section, {}).update(values)
-    path.write_text(yaml.safe_dump(config))
-    return path
+    """The tiny-model config of the trainer's tests, with every trained sample key logged."""
+    log = {"sample_keys": True, **sections.pop("log", {})}
+    return write_tiny_config(path, out_dir, data_path, log=log, **sections)
 
 
 def free_port():

@@ -430,7 +430,7 @@ def rows_of(table):
     return data
 
 
-def entry_dicts(out, unit, table, meta, flips=True):
+def entry_dicts(unit, table, meta, flips=True):
     """A unit's index rows as dicts (one per stored sample, mirrored ones after their image): for tools and tests."""
     data = rows_of(table)
     parts = meta["parts"]
@@ -456,7 +456,7 @@ def cache_entries(cache_dir, flips=True):
     require_version(card, cache_dir)
     entries = []
     for unit, path in list_units(cache_dir).items():
-        entries.extend(entry_dicts(cache_dir, unit, open_index(path), read_unit_meta(path), flips))
+        entries.extend(entry_dicts(unit, open_index(path), read_unit_meta(path), flips))
     return entries
 
 

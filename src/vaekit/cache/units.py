@@ -8,6 +8,7 @@ set) is cut into blocks of `unit_size` consecutive images, whose batches any wor
 
 import hashlib
 import math
+import os
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ class IndexedPlan:
             digest.update(record.key.encode("utf-8", "surrogateescape") + b"\0")
             if record.path is not None:
                 try:
-                    stat = _stat(record.path)
+                    stat = os.stat(record.path)
                     digest.update(f"{stat.st_size}:{stat.st_mtime_ns}\0".encode())
                 except OSError:
                     digest.update(b"missing\0")
@@ -92,12 +93,6 @@ class ShardPlan:
         """(key, None, bytes or ImageError) of the shard's samples, in order."""
         for key, data in shard_samples(self.urls[unit], self.field):
             yield display_text(key), None, data
-
-
-def _stat(path):
-    import os  # only the signature of local files needs it
-
-    return os.stat(path)
 
 
 def read_record(record):

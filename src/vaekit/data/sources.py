@@ -18,6 +18,7 @@ from pathlib import Path
 
 from vaekit.data.config import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 from vaekit.data.decode import OPEN_ERRORS, ImageError, decode_image, file_kind, read_image_file
+from vaekit.data.shards import expand_shards
 from vaekit.errors import VaekitError
 
 
@@ -302,7 +303,7 @@ def _open_webdataset(spec, field=None):
     """Index tar shards once: group members by WebDataset key, keep the image member's offset."""
     from webdataset.tariterators import base_plus_ext  # WebDataset's own key/extension split
 
-    shards = _expand_shards(spec)
+    shards = [Path(url) for url in expand_shards(spec)]  # one shard-list rule for indexed and streamed
     wanted = (field.lower(),) if field else tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
     keys, entries = [], []
     used = set()
@@ -340,25 +341,6 @@ def _open_webdataset(spec, field=None):
             "Name the image field with image_column=EXT."
         )
     return Source(f"webdataset {spec} ({len(shards)} shards)", keys, [None] * len(keys), _TarReader(entries))
-
-
-def _expand_shards(spec):
-    """Shard paths of a .tar, a folder of .tar files, or a brace pattern; each must exist."""
-    path = Path(spec)
-    if path.is_dir():
-        shards = sorted(p for p in path.rglob("*.tar") if not any(x.startswith(".") for x in p.relative_to(path).parts))
-    elif path.is_file():
-        shards = [path]
-    else:
-        from webdataset.shardlists import expand_urls  # brace expansion as WebDataset itself does it
-
-        shards = [Path(p) for p in expand_urls(spec)]
-        missing = [p for p in shards if not p.is_file()]
-        if missing:
-            raise VaekitError(f"Shard not found: {missing[0]} ({len(missing)} of {len(shards)} missing from {spec}).")
-    if not shards:
-        raise VaekitError(f"No .tar shards in {spec}.")
-    return shards
 
 
 def _open_hf(spec, split, image_column, key_column):
