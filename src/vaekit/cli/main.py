@@ -38,6 +38,20 @@ def subcommand_parser(parser, argv):
     return current
 
 
+def leave_process_group():
+    """Close a torch.distributed group that a failed multi-process run leaves open.
+
+    Every process of such a run stops with the same error; left to the interpreter's exit, the group's
+    destructor may find its peers already gone and abort (SIGABRT) instead of exiting with the error code.
+    """
+    dist = sys.modules.get("torch.distributed")  # only runs that imported it can have a group
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # best effort: the error the user needs has been printed
+            pass
+
+
 def main(argv=None):
     """Console-script entry point."""
     # A deprecation notice huggingface_hub prints on every diffusers load; it is not the user's concern.
@@ -57,6 +71,7 @@ def main(argv=None):
         return args.func(args) or 0
     except VaekitError as e:
         print(f"vaekit {args.command}: error: {e}", file=sys.stderr)
+        leave_process_group()
         return 2
     except KeyboardInterrupt:
         print(f"vaekit {args.command}: interrupted", file=sys.stderr)
