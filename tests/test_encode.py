@@ -239,8 +239,9 @@ def test_recovery_removes_what_a_kill_leaves(tmp_path, vae_dir):
     (staging / ".u-00000002.p000.x.safetensors.k2j3.tmp").write_bytes(b"\0" * 10)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    lock_path(out, 1).write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": dead.pid,
-                                             "started": 0}))
+    for unit in (1, 3):  # unit 3 stays done: killed after its index was in place, before its lock was released
+        lock_path(out, unit).write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": dead.pid,
+                                                    "started": 0}))
 
     assert encode(vae_dir, data, out, *options) == 0
     assert sorted(sample_keys(out)) == sorted((n, False) for n in names), "each image exactly once"

@@ -18,9 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from vaekit import __version__
-from vaekit.cache.format import (FORMAT, FORMAT_VERSION, UNIT_PART, UNIT_STAGING, cache_key, clean_unit, current_parts,
-                                 invalidate_catalog, list_units, lock_path, new_token, open_card, read_unit_meta,
-                                 size_policy, unit_errors, write_catalog)
+from vaekit.cache.format import (FORMAT, FORMAT_VERSION, UNIT_LOCK, UNIT_PART, UNIT_STAGING, cache_key, clean_unit,
+                                 current_parts, invalidate_catalog, list_units, lock_path, new_token, open_card,
+                                 read_unit_meta, size_policy, unit_errors, write_catalog)
 from vaekit.cache.units import IndexedPlan, Preparer, ShardPlan, UnitStream
 from vaekit.cache.writer import UnitWriter
 from vaekit.codec.inference import BulkEncoder, tile_option
@@ -150,14 +150,15 @@ def claim_units(out, plan, units, config, heartbeat):
 def units_to_encode(out, plan, mine):
     """(units of `mine` that are missing or changed, done units that a killed run left files of, count unchanged).
 
-    One listing of units/ finds every unit's index, parts and staging folder.
+    One listing of units/ and one of locks/ find every unit's index, parts, staging folder and lock (a
+    process killed after publishing a unit, before releasing its lock, leaves the lock behind).
     """
     done, found = list_units(out), {}
-    folder = Path(out) / "units"
-    for name in (os.listdir(folder) if folder.is_dir() else ()):
-        match = UNIT_PART.match(name) or UNIT_STAGING.match(name)
-        if match:
-            found.setdefault(int(match.group(1)), set()).add(name)
+    for folder, pattern in (("units", UNIT_PART), ("units", UNIT_STAGING), ("locks", UNIT_LOCK)):
+        folder = Path(out) / folder
+        for name in (os.listdir(folder) if folder.is_dir() else ()):
+            if match := pattern.match(name):
+                found.setdefault(int(match.group(1)), set()).add(name)
     todo, dirty, unchanged = [], [], 0
     for unit in mine:
         if unit in done:
@@ -175,7 +176,7 @@ def units_to_encode(out, plan, mine):
 
 
 def tidy_units(out, units, config):
-    """Remove leftovers of killed runs (staging folders, unnamed parts) from done units, under their locks."""
+    """Remove leftovers of killed runs (staging folders, unnamed parts, stale locks) from done units."""
     for unit in units:
         path = lock_path(out, unit)
         if try_lock(path, config.lock_timeout):

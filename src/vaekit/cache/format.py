@@ -58,6 +58,8 @@ UNIT_PART = re.compile(r"^u-(\d{8})\.p(\d{3,})\.([0-9a-f]+)\.safetensors$")
 
 UNIT_STAGING = re.compile(r"^\.u-(\d{8})\.staging$")
 
+UNIT_LOCK = re.compile(r"^u-(\d{8})\.lock$")
+
 # The index columns, one row per image. Sizes are (W, H) pairs as in Crop; `flip_offset` is the
 # row of the mirrored image's latents in the same part and group, -1 when the cache stores none.
 INDEX_COLUMNS = ("key", "path", "sha256", "part", "bucket_w", "bucket_h", "offset", "flip_offset",
