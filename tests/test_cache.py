@@ -22,7 +22,8 @@ from test_encode import (assert_latents_match, assert_units_whole, encode, encod
                          subprocess_env, vae_dir)  # noqa: F401 (vae_dir is a fixture)
 from vaekit import cli
 from vaekit.cache.dataset import LatentDataset, LatentStream
-from vaekit.cache.format import cache_entries, list_units, lock_path, read_unit_meta
+from vaekit.cache.format import list_units, lock_path, read_unit_meta
+from vaekit.cache.reader import cache_entries
 
 torch.set_num_threads(1)
 
