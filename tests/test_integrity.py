@@ -563,3 +563,46 @@ def test_rerunning_encode_repairs_what_the_cheap_checks_find(clean_cache, refere
     assert encode(vae, images, cache) == 0
     assert json.loads((cache / "summary.json").read_text())["units_unchanged"] == 3
     assert [d["unit"] for d in verify_cache(cache, progress=False)["damaged"]] == [1], "verify's hashes find it"
+
+
+def strip_checksums(cache):
+    """The cache as vaekit wrote it before checksums (format 2.0): no minor version, no part records or digests,
+    a catalog of (unit, rows, token)."""
+    card = json.loads((cache / "card.json").read_text())
+    for field in ("minor", "encode"):
+        card.pop(field, None)
+    (cache / "card.json").write_text(json.dumps(card))
+    for unit in range(3):
+        path = index_path(cache, unit)
+        table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+        meta = json.loads(table.schema.metadata[b"vaekit"])
+        for field in ("minor", "part_files", "digest", "meta_digest", "card"):
+            meta.pop(field)
+        path.unlink()
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table.replace_schema_metadata({"vaekit": json.dumps(meta)}))
+    old = pa.table({"unit": pa.array([0, 1, 2], pa.int64()), "rows": pa.array([2, 2, 2], pa.int64()),
+                    "token": pa.array([read_unit_meta(index_path(cache, u))["token"] for u in range(3)])})
+    (cache / "catalog.arrow").unlink()
+    with pa.OSFile(str(cache / "catalog.arrow"), "wb") as sink, pa.ipc.new_file(sink, old.schema) as writer:
+        writer.write_table(old)
+
+
+def test_a_cache_written_before_checksums_opens_with_a_note_and_resumes_without_redoing(clean_cache, reference,
+                                                                                        tmp_path, capsys):
+    cache, vae, images = clean_cache
+    cache = copy_cache(cache, tmp_path / "cache")
+    strip_checksums(cache)
+    with pytest.warns(UserWarning, match="before cache checksums") as notes:
+        found = latents(cache)
+    assert len(notes) == 1, "one note per cache"
+    assert found.keys() == reference.keys()
+    assert all(torch.equal(found[k][0], reference[k][0]) for k in found)
+    cut(lambda c: part_path(c, 1), -50)(cache)  # sizes and headers are still checked
+    with pytest.raises(VaekitError, match="u-00000001"):
+        latents(cache)
+    assert encode(vae, images, cache) == 0
+    summary = json.loads((cache / "summary.json").read_text())
+    assert (summary["units_unchanged"], summary["units_repaired"]) == (2, 1), "only the damaged unit redone"
+    report = verify_cache(cache, progress=False)
+    assert report["without_checksums"] and not report["damaged"]

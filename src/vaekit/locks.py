@@ -112,7 +112,8 @@ def lease_lost(path, record):
     if same_owner(owner, record):
         return None
     if owner is None:
-        return "its lock was removed"
+        return ("its lock was taken over and released by another process (this process sent no heartbeat for "
+                "longer than --lock_timeout: paused or stalled)")
     return (f"its lock was taken over by host {owner.get('host', '?')}, pid {owner.get('pid', '?')} "
             "(this process sent no heartbeat for longer than --lock_timeout: paused or stalled)")
 
@@ -124,7 +125,7 @@ def renew(path, record):
         try:
             os.utime(path)
         except OSError:
-            return "its lock was removed"
+            return lease_lost(path, record) or "its lock could not be renewed"
     return lost
 
 

@@ -411,12 +411,18 @@ def encode_dataset(config, vae=None, progress=True, units=None):
               "lost": writer.lost, "repaired": repaired, "encoded_units": sorted(gate.started),
               "seconds": time.perf_counter() - started}
     summary = finish_run(out, plan, token, record, config.lock_timeout)
-    if busy or writer.failed or writer.lost:
+    if busy or writer.failed:
         problems = [*busy, *(f"{f['label']}: {f['reason']} ({f['detail']})" for f in writer.failed),
                     *(f"{f['label']}: {f['reason']}" for f in writer.lost)]
         raise VaekitError(f"{len(problems)} unit(s) of this process were not encoded: {problems[0]}"
                           + (f"; and {len(problems) - 1} more" if len(problems) > 1 else "")
                           + ". Everything else is in the cache; run the same command again to finish them.")
+    if writer.lost:
+        first = writer.lost[0]
+        raise VaekitError(f"{len(writer.lost)} unit(s) of this process were taken over by another process and left "
+                          f"to it: {first['label']}: {first['reason']}"
+                          + (f"; and {len(writer.lost) - 1} more" if len(writer.lost) > 1 else "")
+                          + ". Nothing of theirs was published by this process; the rest is in the cache.")
     return summary
 
 
