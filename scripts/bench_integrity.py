@@ -79,7 +79,7 @@ def build_parts(out, parts, part_mb):
     latents = torch.randn(count, 4, 32, 32).half()
     for unit in range(parts):
         name = f"u-{unit:08d}.p000.{token}.safetensors"
-        save_safetensors({"mean/256x256": latents, "logvar/256x256": latents}, out / "units" / name,
+        save_safetensors({"mean/256x256": latents, "logvar/256x256": latents.clone()}, out / "units" / name,
                          metadata={"count": str(count)})
         rows = [{"key": f"{unit:05d}-{i:06d}", "path": None, "sha256": bytes(32), "part": 0, "bucket_w": 256,
                  "bucket_h": 256, "offset": i, "flip_offset": -1, "original_w": 256, "original_h": 256,

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from vaekit import __version__
 from vaekit.cache.format import (FORMAT, FORMAT_MINOR, FORMAT_VERSION, UNIT_LOCK, cache_key, card_hash, clean_unit,
-                                 current_parts, invalidate_catalog, lock_path, new_token, open_card, read_catalog,
+                                 invalidate_catalog, lock_path, new_token, open_card, read_catalog,
                                  scan_units, size_policy, unit_schema, write_card)
 from vaekit.cache.reader import CacheDamage, CardInfo, catalog_rows, check_unit, read_meta, refresh_catalog
 from vaekit.cache.units import IndexedPlan, Preparer, ShardPlan, UnitStream
@@ -165,13 +165,13 @@ def claim_units(out, plan, units, config, heartbeat, token):
     What killed writers left of a unit is removed then; the parts of a writer whose stale lock was
     taken over are kept while that process still runs on this host (it may be paused, not dead).
     """
-    held, busy = {}, []
+    held, busy, listing = {}, [], scan_units(out)
     for unit in units:
         path = lock_path(out, unit)
         record = try_lock(path, config.lock_timeout, token)
         if record:
             heartbeat.add(path, record)
-            clean_unit(out, unit, current_parts(out, unit), live_tokens(record), config.lock_timeout)
+            clean_unit(out, unit, (), live_tokens(record), config.lock_timeout, listing)
             held[unit] = record
         else:
             busy.append(f"{plan.label(unit)} is being encoded by {describe_owner(path)}")
@@ -216,12 +216,13 @@ def units_to_encode(out, plan, mine, card):
 
 def tidy_units(out, units, config, token=""):
     """Remove leftovers of killed runs (staging folders, unnamed parts, stale locks) from done units."""
+    listing = scan_units(out) if units else None
     for unit in units:
         path = lock_path(out, unit)
         record = try_lock(path, config.lock_timeout, token)
         if record:
             try:
-                clean_unit(out, unit, current_parts(out, unit), live_tokens(record), config.lock_timeout)
+                clean_unit(out, unit, (), live_tokens(record), config.lock_timeout, listing)
             finally:
                 release(path, record)
 

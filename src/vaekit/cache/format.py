@@ -564,28 +564,34 @@ def current_parts(out, unit):
     return {p for p in parts if is_part_of(p, unit)} if isinstance(parts, list) else set()
 
 
-def clean_unit(out, unit, keep=(), keep_tokens=(), stale_after=None):
+def clean_unit(out, unit, keep=(), keep_tokens=(), stale_after=None, listing=None):
     """Remove what killed writers left of a unit: their staging folders, and parts no index names.
 
     Call it holding the unit's lock. Kept: parts in `keep`, parts of runs in `keep_tokens` (a writer
     that lost this unit's lease but is still alive), parts the index in place names (read just before
-    deleting), and the staging folders of writers that may be alive (`vaekit.io.abandoned`).
+    deleting), and the staging folders of writers that may be alive (`vaekit.io.abandoned`). `listing`
+    (a `scan_units` taken earlier, so a run's claims list the folder once) may be stale: what appeared
+    since is never removed, what vanished is skipped.
     """
     removed = 0
     folder = Path(out) / "units"
-    listing = scan_units(out)
+    listing = listing or scan_units(out)
     for name in listing.staging.get(unit, ()):
         path = folder / name
         if name == staging_dir(out, unit).name or abandoned(path, stale_after=stale_after):
             shutil.rmtree(path, ignore_errors=True)
             removed += 1
-    stray = {name for name in listing.parts.get(unit, ()) if name not in keep
-             and UNIT_PART.match(name).group(3) not in keep_tokens}
+    return removed + remove_parts(out, unit, listing.parts.get(unit, ()), keep, keep_tokens)
+
+
+def remove_parts(out, unit, names, keep=(), keep_tokens=()):
+    """Delete the unit's parts `names`, except those in `keep`, of runs in `keep_tokens`, or named by the
+    unit's index in place (read just before deleting); returns how many were deleted."""
+    stray = {name for name in names if name not in keep and UNIT_PART.match(name).group(3) not in keep_tokens}
     stray -= current_parts(out, unit)  # never a part a published index names
     for name in stray:
-        (folder / name).unlink(missing_ok=True)
-        removed += 1
-    return removed
+        (Path(out) / "units" / name).unlink(missing_ok=True)
+    return len(stray)
 
 
 def invalidate_catalog(out):

@@ -384,17 +384,21 @@ def check_record(root, unit, name, size, head_bytes, record):
         raise CacheDamage(root, unit, f"part {name} has another header than the one written (edited?)")
 
 
+def part_error(root, unit, name, error):
+    """The CacheDamage of a part that cannot be opened (missing, a link, a folder, unreadable)."""
+    if isinstance(error, FileNotFoundError):
+        return CacheDamage(root, unit, f"part {name} is missing")
+    if error.errno == errno.ELOOP:
+        return CacheDamage(root, unit, f"part {name} is a symbolic link (a cache's files never are)")
+    return CacheDamage(root, unit, f"part {name} cannot be read ({error.strerror or error})")
+
+
 def open_part_file(root, unit, name):
     """(copy-on-write memory map, size) of a part named by a unit's index, or CacheDamage."""
-    path = Path(root) / "units" / name
     try:
-        return map_file(path, copy=True)
-    except FileNotFoundError:
-        raise CacheDamage(root, unit, f"part {name} is missing") from None
+        return map_file(Path(root) / "units" / name, copy=True)
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise CacheDamage(root, unit, f"part {name} is a symbolic link (a cache's files never are)") from None
-        raise CacheDamage(root, unit, f"part {name} cannot be read ({e.strerror or e})") from None
+        raise part_error(root, unit, name, e) from None
 
 
 def map_part(root, unit, name, card, record=None, verify=False):
@@ -490,15 +494,10 @@ class PartReader:
 
 def read_part_head(root, unit, name):
     """(the first 8 + N bytes of a part, its size): what the header checks need, without mapping the data."""
-    path = Path(root) / "units" / name
     try:
-        fd = open_plain(path)
-    except FileNotFoundError:
-        raise CacheDamage(root, unit, f"part {name} is missing") from None
+        fd = open_plain(Path(root) / "units" / name)
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise CacheDamage(root, unit, f"part {name} is a symbolic link (a cache's files never are)") from None
-        raise CacheDamage(root, unit, f"part {name} cannot be read ({e.strerror or e})") from None
+        raise part_error(root, unit, name, e) from None
     try:
         size = os.fstat(fd).st_size
         head = os.pread(fd, 8, 0)
@@ -529,10 +528,8 @@ def check_unit(root, unit, path, card, row=None, hash_parts=False, progress=None
         if hash_parts:
             try:
                 digest = part_digest(Path(root) / "units" / name, progress)
-            except FileNotFoundError:
-                raise CacheDamage(root, unit, f"part {name} is missing") from None
             except OSError as e:
-                raise CacheDamage(root, unit, f"part {name} cannot be read ({e.strerror or e})") from None
+                raise part_error(root, unit, name, e) from None
             if record is not None and digest["xxh3_128"] != record["xxh3_128"]:
                 if digest["bytes"] == record["bytes"] and digest["header_xxh3_64"] == record["header_xxh3_64"]:
                     raise CacheDamage(root, unit, f"part {name} does not match its hash (its latent data changed)",

@@ -24,9 +24,9 @@ import threading
 
 import torch
 
-from vaekit.cache.format import (FORMAT, FORMAT_VERSION, NON_FINITE, bucket_name, clean_unit, index_path,
+from vaekit.cache.format import (FORMAT, FORMAT_VERSION, NON_FINITE, bucket_name, current_parts, index_path,
                                  index_table, invalidate_catalog, lock_path, part_digest, part_name, publish,
-                                 read_unit_meta, staging_dir, write_index)
+                                 read_unit_meta, remove_parts, staging_dir, write_index)
 from vaekit.errors import VaekitError
 from vaekit.faults import fault_point
 from vaekit.io import ensure_folder, owner_tag, save_safetensors
@@ -197,6 +197,7 @@ class UnitWriter:
             return
         fault_point("index-fenced", unit)
         units = self.out / "units"
+        replaced = current_parts(self.out, unit)  # the version this one replaces, removed once it is in place
         invalidate_catalog(self.out)  # before the unit changes: a reader never trusts an outdated catalog
         for name in state["parts"]:
             publish(staging / name, units / name)
@@ -207,8 +208,8 @@ class UnitWriter:
             return
         # The previous version's parts go; a paused writer's (its lock taken over, its process alive) stay:
         # it may still rename its index in, and that index must find them.
-        clean_unit(self.out, unit, keep=set(state["parts"]), keep_tokens=live_tokens((self.leases or {}).get(unit)),
-                   stale_after=self.stale_after)
+        remove_parts(self.out, unit, replaced, keep=set(state["parts"]),
+                     keep_tokens=live_tokens((self.leases or {}).get(unit)))
         invalidate_catalog(self.out)  # a finaliser may have listed the units between the two removals
         self.counts["units_encoded"] += 1
 
