@@ -9,6 +9,11 @@ runs each phase in a fresh process and records that process's RSS growth and tim
            (parse every manifest, newest entry per image, the done-set), which every rank ran
   open     constructing LatentDataset (format 2) / what format 1's LatentDataset built
   reads    --reads random-access samples after opening (format 2 / format 1's row reader)
+  verify   `vaekit cache verify`'s check of the whole cache (every part hashed; format 2 only)
+
+With --baseline SRC (the `src` folder of another vaekit checkout, e.g. a worktree of the commit before
+a change), rerun, open and reads also run with that code on a copy of the same format-2 cache
+("base" rows): the cost of the current code's checks against the code before them, side by side.
 
 The baseline "format 1" is format 1's own reader (vaekit.cache.v1) plus the bookkeeping its encoder
 and dataset did, reproduced below; both read paths draw a posterior sample and normalise it, as
@@ -17,6 +22,7 @@ image), so imports and the VAE do not count. A least-squares fit of growth and t
 and units is extrapolated to 10^8 and 10^9 images.
 
     python scripts/bench_scale.py --sizes 1000,10000,100000,1000000 --json benchmarks/scale.json
+    git worktree add /tmp/before HEAD~1 && python scripts/bench_scale.py --baseline /tmp/before/src
 """
 
 import argparse
@@ -24,6 +30,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -92,13 +99,14 @@ def encode_config(out, units):
 
 
 def build_v2(out, images):
-    """A format-2 cache of `images` images whose units match `encode_config`'s shards."""
+    """A format-2 cache of `images` images whose units match `encode_config`'s shards, checksums included."""
     import torch
 
     from vaekit import __version__
-    from vaekit.cache.encode import load_encoder_vae, open_data
-    from vaekit.cache.format import (FORMAT, FORMAT_VERSION, cache_key, index_path, index_table, new_token,
-                                     size_policy, write_catalog, write_index)
+    from vaekit.cache.encode import encode_options, load_encoder_vae, open_data, unit_layout
+    from vaekit.cache.format import (FORMAT, FORMAT_MINOR, FORMAT_VERSION, cache_key, card_hash, catalog_row,
+                                     index_path, index_table, new_token, part_digest, size_policy, unit_schema,
+                                     write_catalog, write_index)
     from vaekit.io import save_safetensors, write_json
 
     units = -(-images // UNIT)
@@ -107,9 +115,10 @@ def build_v2(out, images):
     plan = open_data(config)
     key = cache_key(config, vae, size_policy(config, 8))
     (out / "units").mkdir(parents=True)
-    write_json(out / "card.json", {"format": FORMAT, "version": FORMAT_VERSION, "key": key,
-                                   "units": {"kind": "shards", "unit_size": None, "source": plan.description},
-                                   "vaekit_version": __version__})
+    card = {"format": FORMAT, "version": FORMAT_VERSION, "minor": FORMAT_MINOR, "key": key,
+            "units": unit_layout(plan), "vae": {"source": config.vae, "downsample_factor": 8, "latent_channels": 4},
+            "encode": encode_options(config), "vaekit_version": __version__}
+    write_json(out / "card.json", card)
     token, catalog = new_token(), []
     for unit in range(units):
         count = min(UNIT, images - unit * UNIT)
@@ -122,10 +131,11 @@ def build_v2(out, images):
                  "resized_w": 16, "resized_h": 16, "crop_left": 0, "crop_top": 0, "crop_right": 16,
                  "crop_bottom": 16} for i in range(count)]
         meta = {"format": FORMAT_VERSION, "unit": unit, "label": plan.label(unit), "signature": plan.signature(unit),
-                "token": token, "parts": [part], "rows": count, "errors": [], "retry": False}
+                "token": token, "parts": [part], "part_files": [{"name": part, **part_digest(out / "units" / part)}],
+                "rows": count, "card": card_hash(card), "errors": [], "retry": False}
         write_index(index_path(out, unit), index_table(rows, meta))
-        catalog.append((unit, count, token))
-    write_catalog(out, catalog)
+        catalog.append(catalog_row(unit, *unit_schema(index_path(out, unit))))
+    write_catalog(out, catalog, {"generation": 1, "writer": "bench", "card_hash": card_hash(card), "card": card})
 
 
 def build_v1(out, images):
@@ -175,8 +185,17 @@ def run_phase(fmt, phase, cache, reads):
 
     torch.set_num_threads(1)
     cache = Path(cache)
-    units = len(list((cache / "units").glob("*.index.arrow"))) if fmt == "v2" else None
-    if fmt == "v2" and phase == "rerun":
+    units = len(list((cache / "units").glob("*.index.arrow"))) if fmt != "v1" else None
+    if phase == "verify":
+        from vaekit.cache.verify import verify_cache
+
+        verify_cache(cache, jobs=2, progress=False)  # warm: imports, page cache
+        with PeakRSS() as rss:
+            start = time.perf_counter()
+            report = verify_cache(cache, jobs=2, progress=False)
+            seconds = time.perf_counter() - start
+        assert not report["damaged"] and report["units"] == units, report
+    elif fmt != "v1" and phase == "rerun":
         from vaekit.cache.encode import encode_dataset, load_encoder_vae
 
         config = encode_config(cache, max(units, 1))
@@ -198,7 +217,7 @@ def run_phase(fmt, phase, cache, reads):
     else:
         from vaekit.cache.dataset import LatentDataset
 
-        open_data = (lambda: LatentDataset(cache)) if fmt == "v2" else (lambda: v1_open(cache))
+        open_data = (lambda: LatentDataset(cache)) if fmt != "v1" else (lambda: v1_open(cache))
         if phase == "open":
             with PeakRSS() as rss:
                 start = time.perf_counter()
@@ -206,15 +225,15 @@ def run_phase(fmt, phase, cache, reads):
                 seconds = time.perf_counter() - start
         else:
             dataset = open_data()
-            count = len(dataset) if fmt == "v2" else len(dataset[0])
+            count = len(dataset) if fmt != "v1" else len(dataset[0])
             picks = np.random.default_rng(0).integers(0, count, reads)
-            if fmt == "v2":  # one read first: lazy imports and first-use setup are not what is measured
+            if fmt != "v1":  # one read first: lazy imports and first-use setup are not what is measured
                 dataset[0]
             else:
                 dataset[3].row(dataset[0][0][0], "mean")
             with PeakRSS() as rss:
                 start = time.perf_counter()
-                if fmt == "v2":
+                if fmt != "v1":
                     for i in picks:
                         dataset[int(i)]["latents"]
                 else:
@@ -234,9 +253,10 @@ def run_phase(fmt, phase, cache, reads):
     print(json.dumps({"seconds": seconds, "growth_mb": rss.growth, "anon_growth_mb": rss.anon_growth}))
 
 
-def measure(fmt, phase, cache, reads):
-    """Run a phase in a fresh process; returns its {"seconds", "growth_mb"}."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+def measure(fmt, phase, cache, reads, source=None):
+    """Run a phase in a fresh process (importing vaekit from `source`, default this checkout); returns its
+    {"seconds", "growth_mb"}."""
+    env = {**os.environ, "PYTHONPATH": str(source or ROOT / "src"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, __file__, "--phase", f"{fmt}:{phase}", "--cache", str(cache),
                            "--reads", str(reads)], capture_output=True, text=True, env=env)
     if done.returncode:
@@ -271,8 +291,11 @@ def report(rows, sizes, reads):
                  "time = c + d * images; extrapolated")
     lines.append(f"{'format':<8}{'phase':<8}{'MB/1e6 img':>12}{'s/1e6 img':>11}{'MB at 1e8':>11}{'MB at 1e9':>11}"
                  f"{'s at 1e8':>10}{'s at 1e9':>10}")
-    for fmt in ("v2", "v1"):
-        for phase in ("rerun", "open"):
+    formats = [f for f in ("v2", "base", "v1") if any(r["format"] == f for r in rows)]
+    for fmt in formats:
+        for phase in ("rerun", "open", "verify"):
+            if not any(r["format"] == fmt and r["phase"] == phase for r in rows):
+                continue
             a, b = fit(rows, fmt, phase, "growth_mb")
             c, d = fit(rows, fmt, phase, "seconds")
             lines.append(f"{fmt:<8}{phase:<8}{b * 1e6:>12.2f}{d * 1e6:>11.3f}{a + b * 1e8:>11.0f}{a + b * 1e9:>11.0f}"
@@ -280,7 +303,7 @@ def report(rows, sizes, reads):
     lines.append("")
     lines.append(f"random reads ({reads:,} per size): microseconds per read; RSS growth (anonymous growth), "
                  "the rest being clean pages of mapped files")
-    for fmt in ("v2", "v1"):
+    for fmt in formats:
         cells = [f"{r['images']:,}: {1e6 * r['seconds'] / reads:.0f} us, +{r['growth_mb']:.0f} "
                  f"({r['anon_growth_mb']:.0f}) MB"
                  for r in rows if r["format"] == fmt and r["phase"] == "reads"]
@@ -293,6 +316,8 @@ def main():
     parser.add_argument("--sizes", default="1000,10000,100000,1000000", help="comma-separated image counts")
     parser.add_argument("--reads", type=int, default=10000, help="random-access reads per size")
     parser.add_argument("--json", help="write the rows (and the machine) as JSON here")
+    parser.add_argument("--baseline", help="the src folder of another vaekit checkout: rerun, open and reads of the "
+                        "same format-2 cache with that code too (rows 'base')")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -309,23 +334,30 @@ def main():
                 start = time.perf_counter()
                 build(cache, images)
                 built = time.perf_counter() - start
-                for phase in ("rerun", "open", "reads"):
-                    result = measure(fmt, phase, cache, args.reads)
-                    if images == 1:  # the empty-cache baseline of this phase
-                        baseline[(fmt, phase)] = result
-                        continue
-                    base = baseline[(fmt, phase)]
-                    row = {"format": fmt, "phase": phase, "images": images, "units": -(-images // UNIT),
-                           "growth_mb": max(0.0, result["growth_mb"] - base["growth_mb"]),
-                           "anon_growth_mb": max(0.0, result["anon_growth_mb"] - base["anon_growth_mb"]),
-                           "raw_growth_mb": result["growth_mb"], "seconds": result["seconds"], "build_s": built}
-                    rows.append(row)
-                    print(f"{fmt} {phase:<6} {images:>10,} images: +{row['growth_mb']:.1f} MB "
-                          f"(anonymous +{row['anon_growth_mb']:.1f}), "
-                          f"{row['seconds']:.3f} s", flush=True)
-                import shutil
-
-                shutil.rmtree(cache)
+                arms = [(fmt, cache, None)]
+                if fmt == "v2" and args.baseline:  # the older code on a copy (its encode writes its own catalog)
+                    shutil.copytree(cache, Path(tmp) / f"base-{images}")
+                    arms.append(("base", Path(tmp) / f"base-{images}", args.baseline))
+                phases = ("rerun", "open", "reads", "verify")
+                for phase in phases:
+                    for arm, folder, source in arms:  # interleaved: current, base, current, base ...
+                        if phase == "verify" and arm != "v2":
+                            continue
+                        result = measure(arm, phase, folder, args.reads, source)
+                        if images == 1:  # the empty-cache baseline of this phase
+                            baseline[(arm, phase)] = result
+                            continue
+                        base = baseline[(arm, phase)]
+                        row = {"format": arm, "phase": phase, "images": images, "units": -(-images // UNIT),
+                               "growth_mb": max(0.0, result["growth_mb"] - base["growth_mb"]),
+                               "anon_growth_mb": max(0.0, result["anon_growth_mb"] - base["anon_growth_mb"]),
+                               "raw_growth_mb": result["growth_mb"], "seconds": result["seconds"], "build_s": built}
+                        rows.append(row)
+                        print(f"{arm} {phase:<6} {images:>10,} images: +{row['growth_mb']:.1f} MB "
+                              f"(anonymous +{row['anon_growth_mb']:.1f}), "
+                              f"{row['seconds']:.3f} s", flush=True)
+                for _, folder, _ in arms:
+                    shutil.rmtree(folder)
     text = report(rows, sizes, args.reads)
     print()
     print(text)

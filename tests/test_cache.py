@@ -22,7 +22,8 @@ from test_encode import (assert_latents_match, assert_units_whole, encode, encod
                          subprocess_env, vae_dir)  # noqa: F401 (vae_dir is a fixture)
 from vaekit import cli
 from vaekit.cache.dataset import LatentDataset, LatentStream
-from vaekit.cache.format import cache_entries, list_units, lock_path, read_unit_meta
+from vaekit.cache.format import list_units, lock_path, read_unit_meta
+from vaekit.cache.reader import cache_entries
 
 torch.set_num_threads(1)
 
@@ -351,14 +352,18 @@ def test_opening_reads_the_catalog_or_lists_units_when_it_is_gone(tmp_path, vae_
 
 
 @pytest.mark.slow
-def test_the_scale_benchmark_prints_its_table_and_writes_its_rows(tmp_path):
+def test_the_scale_benchmark_prints_its_table_and_verify_stays_bounded_at_1e5_images(tmp_path):
     root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, str(root / "scripts" / "bench_scale.py"), "--sizes", "1000,5000", "--reads", "50",
-                           "--json", str(tmp_path / "scale.json")], env=subprocess_env(), capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(root / "scripts" / "bench_scale.py"), "--sizes", "1000,100000",
+                           "--reads", "50", "--json", str(tmp_path / "scale.json")], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "MB at 1e8" in done.stdout
     result = json.loads((tmp_path / "scale.json").read_text())
     rows = {(r["format"], r["phase"], r["images"]) for r in result["rows"]}
-    assert rows == {(f, p, n) for f in ("v2", "v1") for p in ("rerun", "open", "reads") for n in (1000, 5000)}
+    phases = {"v2": ("rerun", "open", "reads", "verify"), "v1": ("rerun", "open", "reads")}
+    assert rows == {(f, p, n) for f in phases for p in phases[f] for n in (1000, 100000)}
     assert all(r["seconds"] > 0 for r in result["rows"])
+    verify = {r["images"]: r for r in result["rows"] if r["phase"] == "verify"}
+    # Memory independent of the number of images: the hashing buffers and one unit at a time.
+    assert verify[100000]["anon_growth_mb"] < verify[1000]["anon_growth_mb"] + 30, verify

@@ -18,7 +18,8 @@ from imagegen import BAD_REASONS, make_photo, write_bad_images, write_odd_images
 from vaekit import cli
 from vaekit.data import nearest_bucket
 from vaekit.cache.dataset import LatentDataset, load_latents
-from vaekit.cache.format import cache_entries, list_units, read_unit_meta
+from vaekit.cache.format import list_units, read_unit_meta
+from vaekit.cache.reader import cache_entries
 
 torch.set_num_threads(1)
 

@@ -6,7 +6,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
+import zlib
 from pathlib import Path
 
 from vaekit.errors import VaekitError
@@ -20,10 +23,57 @@ STORAGE_ERRORS = {
     errno.EROFS: "the file system is read-only",
 }
 
-# Names that interrupted writes leave behind: ours (`.NAME.XXXXXXXX.tmp`, files and folders), the
+# Names that interrupted writes leave behind: ours (`.NAME.OWNER.XXXXXXXX.tmp`, files and folders), the
 # `.tmpXXXXXX` files of libraries written in Rust (safetensors' tempfile crate), and the folders of
 # vaekit releases before `.tmp` was appended (`.checkpoint-000100.XXXXXXXX`, `.vae.XXXXXXXX`).
 TEMPORARY_NAME = re.compile(r"^\.(.+\.tmp|tmp[A-Za-z0-9]{6,}|(checkpoint-\d+|vae)\.[a-z0-9_]{8})$")
+
+HOST = socket.gethostname()
+
+# The owner tag in a temporary's name: `h` + crc32 of the host name, `p` + the pid. Host names may hold
+# dots and other characters that do not belong in a file name; a 32-bit digest is enough to tell hosts
+# sharing a folder apart.
+OWNER_TAG = re.compile(r"\.h([0-9a-f]{8})p(\d+)\.")
+
+
+def host_tag(host=HOST):
+    """The 8 hex digits that stand for `host` in owner tags."""
+    return f"{zlib.crc32(host.encode('utf-8', 'surrogateescape')):08x}"
+
+
+def owner_tag():
+    """`hHHHHHHHHpPID`: which process on which host writes a temporary (every temporary name carries it)."""
+    return f"h{host_tag()}p{os.getpid()}"
+
+
+def process_alive(pid):
+    """Whether a process with this pid exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def abandoned(path, name=None, stale_after=None):
+    """Whether the temporary at `path` was left by a writer that is gone, so it may be removed.
+
+    A name with an owner tag of this host belongs to a live writer exactly while that pid runs; one of
+    another host (which cannot be asked) once untouched for `stale_after` seconds. An untagged name
+    (libraries' temporaries, older releases) counts as another host's. With `stale_after` None the
+    caller owns the folder alone (a training run folder), so only live processes' names are kept.
+    """
+    match = OWNER_TAG.search(name or Path(path).name)
+    if match and match.group(1) == host_tag():
+        return not process_alive(int(match.group(2)))
+    if stale_after is None:
+        return True
+    try:
+        return time.time() - os.lstat(path).st_mtime > stale_after
+    except FileNotFoundError:
+        return False
 
 
 def storage_error(error):
@@ -72,14 +122,18 @@ def ensure_folder(path):
     return Path(path)
 
 
-def remove_temporaries(folder):
-    """Delete what interrupted atomic writes left in `folder` (not recursive); returns how many were removed."""
+def remove_temporaries(folder, stale_after=None):
+    """Delete what interrupted atomic writes left in `folder` (not recursive); returns how many were removed.
+
+    Only temporaries whose writer is gone (see `abandoned`): a folder several processes write to, such
+    as a latent cache, passes `stale_after` so a live writer's temporary is never pulled from under it.
+    """
     removed = 0
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     for entry in folder.iterdir():
-        if TEMPORARY_NAME.match(entry.name):
+        if TEMPORARY_NAME.match(entry.name) and abandoned(entry, stale_after=stale_after):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
@@ -116,7 +170,7 @@ def atomic_path(path):
     path = Path(path)
     ensure_folder(path.parent)
     with storage_errors(path):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         with storage_errors(path):
@@ -140,13 +194,13 @@ def atomic_folder(path):
     path = Path(path)
     ensure_folder(path.parent)
     with storage_errors(path):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp", dir=path.parent))
     try:
         with storage_errors(path):
             yield tmp
         apply_umask(tmp)  # mkdtemp makes the folder private (0700), and libraries write some files 0600
         if path.exists():
-            old = path.with_name(f".{path.name}.old.tmp")
+            old = path.with_name(f".{path.name}.old.{owner_tag()}.tmp")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(tmp, path)

@@ -5,22 +5,19 @@ Opening a cache reads its catalog (one small file) or, for a cache still being w
 of each unit index: time and memory grow with the number of units, not of images. Unit indices are
 memory-mapped Arrow files and latents memory-mapped safetensors parts, both opened on first use in
 each process (DataLoader workers included) and kept in small LRU caches, so a data set of 10^8
-images costs what the pages touched cost.
+images costs what the pages touched cost. Every file goes through vaekit.cache.reader, whose checks
+turn any damage into one VaekitError naming the unit (never a wrong tensor).
 """
 
-import bisect
-import collections
-import contextlib
-import json
-import struct
 import warnings
+
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vaekit.cache.format import (bucket_codes, bucket_name, list_units, open_index, read_card,
-                                 read_catalog, read_unit_meta, require_version)
+from vaekit.cache.format import bucket_codes, bucket_name
+from vaekit.cache.reader import CacheUnits, PartReader, open_card
 from vaekit.data.crops import to_pil
 from vaekit.errors import VaekitError
 from vaekit.model.architecture import fingerprint
@@ -28,171 +25,6 @@ from vaekit.seeds import EpochSeeded, numpy_rng, torch_generator
 
 
 FLIP_MODES = ("random", "none", "all")
-
-
-class LRU(collections.OrderedDict):
-    """An OrderedDict that keeps the `size` most recently used entries (file handles, mapped tables)."""
-
-    def __init__(self, size):
-        super().__init__()
-        self.size = size
-
-    def get_or(self, key, make):
-        """The value for `key`, made (and the oldest entry dropped) if absent."""
-        if key in self:
-            self.move_to_end(key)
-            return self[key]
-        value = self[key] = make()
-        if len(self) > self.size:
-            self.popitem(last=False)
-        return value
-
-
-def mapped_file_budget():
-    """How many files each of LatentDataset's two caches (unit indices, parts) may keep mapped.
-
-    Every mapping holds a file descriptor. The soft limit is raised to the hard one (what a user could
-    do with `ulimit -n`), and a quarter of it goes to each cache, leaving the rest to the program
-    (DataLoader pipes, checkpoints). Random reads over more units than this reopen files (~0.3 ms).
-    """
-    import resource  # Unix only, like the rest of the cache's file handling
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-    return max(16, min(8192, (soft - 256) // 4))
-
-
-ITEM_FIELDS = ("part", "bucket_w", "bucket_h", "offset", "flip_offset", "original_w", "original_h",
-               "crop_left", "crop_top", "crop_right", "crop_bottom")
-
-
-class Columns(dict):
-    """A unit index's columns, converted on first use: zero-copy numpy views, StringColumn for text."""
-
-    def __init__(self, table):
-        super().__init__()
-        self.table = table
-        self._records = None
-
-    def record(self, row):
-        """The ITEM_FIELDS of one row as Python ints.
-
-        The columns are copied once into one row-major (rows, 11) int32 array (45 KB per 1000 images):
-        a random read then touches one cache line instead of a page in each of eleven columns.
-        """
-        if self._records is None:
-            self._records = np.stack([self[name] for name in ITEM_FIELDS], axis=1).astype(np.int32)
-        return self._records[row].tolist()
-
-    def __missing__(self, name):
-        column = self.table.column(name)
-        value = self[name] = StringColumn(column) if name in ("key", "path") else column.to_numpy()
-        return value
-
-
-class CacheIndex:
-    """The units of a cache: row counts up front, each unit's index memory-mapped on first use."""
-
-    def __init__(self, cache_dir):
-        self.root = Path(cache_dir)
-        listing = list_units(self.root)
-        catalog = read_catalog(self.root)
-        if catalog is not None and {u for u, _ in catalog} == set(listing):
-            rows = dict(catalog)
-        else:  # a cache being written or cut short: each unit's schema says its row count
-            rows = {unit: int(read_unit_meta(path)["rows"]) for unit, path in listing.items()}
-        self.units = np.array(list(listing), dtype=np.int64)
-        self.paths = [listing[int(u)] for u in self.units]
-        self.starts = np.concatenate([[0], np.cumsum([rows[int(u)] for u in self.units], dtype=np.int64)])
-        self._starts = self.starts.tolist()  # bisect on a list beats a numpy call per item
-        self.budget = min(mapped_file_budget(), 1024)  # also bounds the row-major copies: 180 KB per 4096 rows
-        self._open = LRU(self.budget)
-
-    def __len__(self):
-        return int(self.starts[-1])
-
-    def __getstate__(self):  # mapped files stay in their process; workers map their own
-        return {**self.__dict__, "_open": LRU(self.budget)}
-
-    def locate(self, position):
-        """(unit slot, row) of a global image position."""
-        slot = bisect.bisect_right(self._starts, position) - 1
-        return slot, position - self._starts[slot]
-
-    def unit(self, slot):
-        """(numpy columns, Arrow table, metadata) of the unit in `slot`; columns are zero-copy views."""
-        def load():
-            path = self.paths[slot]
-            table = open_index(path)
-            meta = json.loads(table.schema.metadata[b"vaekit"])
-            return Columns(table), table, meta
-        return self._open.get_or(slot, load)
-
-
-PART_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-
-
-def map_part(path):
-    """{tensor name: tensor} of a safetensors part as zero-copy views of a memory map.
-
-    Written by hand: safetensors' `safe_open` maps the file too but builds every slice through a
-    Python call costing about 15 us, the bulk of a random read; a numpy memory map indexed directly
-    costs a microsecond. The format is an 8-byte header length, a JSON header, then the data.
-    """
-    try:
-        with open(path, "rb") as f:
-            length = struct.unpack("<Q", f.read(8))[0]
-            header = json.loads(f.read(length))
-        data = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable views, nothing copied
-        tensors = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            start, stop = info["data_offsets"]
-            raw = torch.from_numpy(data[8 + length + start:8 + length + stop])
-            tensors[name] = raw.view(PART_DTYPES[info["dtype"]]).view(info["shape"])
-        return tensors
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as e:
-        raise VaekitError(f"Cannot read {path} ({type(e).__name__}: {e}); re-run `vaekit encode` to repair the "
-                          "cache.") from None
-
-
-class StringColumn:
-    """Rows of an Arrow string column decoded from its buffers (a pyarrow scalar per row costs ~5 us)."""
-
-    def __init__(self, column):
-        array = column.combine_chunks()
-        _, offsets, data = array.buffers()
-        self.offsets = np.frombuffer(offsets, np.int32)[array.offset:array.offset + len(array) + 1]
-        self.data = memoryview(data) if data is not None else memoryview(b"")
-        self.nulls = array.is_null().to_numpy(zero_copy_only=False) if array.null_count else None
-
-    def __getitem__(self, row):
-        if self.nulls is not None and self.nulls[row]:
-            return None
-        return str(self.data[int(self.offsets[row]):int(self.offsets[row + 1])], "utf-8")
-
-
-class PartReader:
-    """safetensors parts memory-mapped on first use, at most `size` mapped at once."""
-
-    def __init__(self, root, size=None):
-        self.root, self.size = Path(root), size or mapped_file_budget()
-        self._parts = LRU(self.size)
-
-    def __getstate__(self):
-        return {"root": self.root, "size": self.size, "_parts": LRU(self.size)}
-
-    def tensors(self, part):
-        """The mapped tensors of a part (file name in units/)."""
-        return self._parts.get_or(part, lambda: map_part(self.root / "units" / part))
-
-    def row(self, part, group, offset, kind="mean"):
-        """One sample's stored tensor (C, h, w) in the storage dtype (a view of the map)."""
-        return self.tensors(part)[f"{kind}/{group}"][offset]
 
 
 class LatentDataset(EpochSeeded, torch.utils.data.Dataset):
@@ -204,28 +36,29 @@ class LatentDataset(EpochSeeded, torch.utils.data.Dataset):
     encoded with --flip: "random" picks the plain or mirrored latents per item and epoch, "none" uses
     the plain ones only, "all" makes every variant its own item. keys: only these images, in this
     order. Randomness is seeded by (seed, epoch, index): call `set_epoch`, or index with (index,
-    epoch) pairs (BucketBatchSampler does).
+    epoch) pairs (BucketBatchSampler does). verify: hash each part when a process first maps it (every
+    byte read once; for small caches or a copied cache's first pass): without it, reads check sizes,
+    headers and indices, and a flipped bit inside latent data is `vaekit cache verify`'s to find.
     """
 
-    def __init__(self, cache_dir, sample=None, normalize=True, seed=0, flips="random", keys=None):
+    def __init__(self, cache_dir, sample=None, normalize=True, seed=0, flips="random", keys=None, verify=False):
         if flips not in FLIP_MODES:
             raise VaekitError(f"flips must be one of {', '.join(FLIP_MODES)}, got {flips!r}.")
         self.cache_dir = Path(cache_dir)
-        self.card = read_card(cache_dir)
-        require_version(self.card, cache_dir)
-        key = self.card["key"]
-        self.store = key["store"]
+        info = self.info = open_card(cache_dir)
+        self.card = info.card
+        self.store = info.store
         if sample is None:
             sample = self.store == "mean_logvar"
         if sample and self.store != "mean_logvar":
             raise VaekitError(f"{cache_dir} stores only the posterior's mode (--store mode); pass sample=False.")
         self.sample, self.normalize, self.seed, self.epoch = bool(sample), bool(normalize), int(seed), 0
-        self.scaling_factor, self.shift_factor = float(key["scaling_factor"]), float(key["shift_factor"] or 0.0)
+        self.scaling_factor, self.shift_factor = info.scaling_factor, info.shift_factor
         self.flips = flips
-        self.variants = 2 if flips == "all" and key.get("flip") else 1
-        self.index = CacheIndex(cache_dir)
+        self.variants = 2 if flips == "all" and info.flip else 1
+        self.index = CacheUnits(cache_dir, info)
         self.selection = None if keys is None else self.positions_of(list(keys))
-        self.reader = PartReader(self.cache_dir)
+        self.reader = PartReader(self.cache_dir, info, verify=verify)
 
     def __len__(self):
         images = len(self.index) if self.selection is None else len(self.selection)
@@ -271,32 +104,39 @@ class LatentDataset(EpochSeeded, torch.utils.data.Dataset):
             every = every[self.selection]
         return np.repeat(every, self.variants, axis=0)
 
+    def read(self, slot, part, group, offset, kind="mean"):
+        """One stored tensor (C, h, w) of the unit in `slot`, through the checked part reader."""
+        index = self.index.index(slot)
+        name = index.parts[part]
+        return self.reader.row(index.unit, name, group, offset, kind, index.records.get(name))
+
     def stored(self, index, flip=False):
         """The stored (mean, logvar or None) of item `index` (or its mirror), float32 (C, h, w), not normalised."""
         slot, row, _ = self.locate(index)
         columns, table, meta = self.index.unit(slot)
         offset = int(columns["flip_offset"][row] if flip else columns["offset"][row])
         if offset < 0:
-            raise VaekitError(f"'{table.column('key')[row].as_py()}' has no mirrored latents in {self.cache_dir}: "
+            raise VaekitError(f"'{columns['key'][row]}' has no mirrored latents in {self.cache_dir}: "
                               "it was encoded without --flip.")
-        part = meta["parts"][int(columns["part"][row])]
+        part = int(columns["part"][row])
         group = bucket_name(int(columns["bucket_w"][row]), int(columns["bucket_h"][row]))
-        mean = self.reader.row(part, group, offset, "mean").float()
-        logvar = self.reader.row(part, group, offset, "logvar").float() if self.store == "mean_logvar" else None
+        mean = self.read(slot, part, group, offset, "mean").float()
+        logvar = self.read(slot, part, group, offset, "logvar").float() if self.store == "mean_logvar" else None
         return mean, logvar
 
     def field(self, index, name):
         """One index column of item `index` (key, path, ...)."""
         slot, row, _ = self.locate(index)
-        _, table, _ = self.index.unit(slot)
-        return table.column(name)[row].as_py()
+        columns, _, _ = self.index.unit(slot)
+        value = columns[name][row]
+        return value.item() if isinstance(value, np.generic) else value
 
     def __getitem__(self, index):
         index, epoch = self.index_and_epoch(index)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} is outside this cache's {len(self)} items")
         slot, row, variant = self.locate(index)
-        columns, _, meta = self.index.unit(slot)
+        columns, _, _ = self.index.unit(slot)
         part, width, height, offset, flip_offset, *sizes = columns.record(row)
         random_flip = self.variants == 1 and self.flips == "random" and flip_offset >= 0
         # Only items that draw something pay for a generator (seeded by (seed, epoch, index) either way).
@@ -308,12 +148,11 @@ class LatentDataset(EpochSeeded, torch.utils.data.Dataset):
         else:
             flip = False
         offset = flip_offset if flip else offset
-        part = meta["parts"][part]
         bucket = (width, height)
         group = bucket_name(*bucket)
-        z = self.reader.row(part, group, offset, "mean").float()  # (C, h, w)
+        z = self.read(slot, part, group, offset, "mean").float()  # (C, h, w)
         if self.sample:
-            std = self.reader.row(part, group, offset, "logvar").float().mul(0.5).exp()
+            std = self.read(slot, part, group, offset, "logvar").float().mul(0.5).exp()
             z = z + std * torch.randn(z.shape, generator=generator)
         if self.normalize:
             z = (z - self.shift_factor) * self.scaling_factor
@@ -443,15 +282,14 @@ def load_latents(cache_dir, key, flip=False):
 @torch.inference_mode()
 def decode_samples(cache_dir, vae, keys=None, n=4, device=None):
     """Decode the stored means of `keys` (or the first `n` images) -> {key: RGB PIL image}, for spot checks."""
-    card = read_card(cache_dir)
-    channels = card.get("vae", {}).get("latent_channels")
+    dataset = LatentDataset(cache_dir, sample=False, normalize=False, flips="none", keys=keys)
+    channels = dataset.info.channels
     if channels is not None and channels != vae.config.latent_channels:
         raise VaekitError(f"The cache holds {channels}-channel latents but this VAE decodes "
                           f"{vae.config.latent_channels}; pass the VAE the cache was encoded with.")
-    if fingerprint(vae) != card["key"]["vae_fingerprint"]:
+    if fingerprint(vae) != dataset.card["key"].get("vae_fingerprint"):
         warnings.warn("Decoding with a VAE other than the one that encoded the cache (fine for a fine-tuned "
                       "decoder; otherwise the images will be wrong).", stacklevel=2)
-    dataset = LatentDataset(cache_dir, sample=False, normalize=False, flips="none", keys=keys)
     count = len(dataset) if keys is not None else min(n, len(dataset))
     device = device or next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from vaekit.cache import v1
-from vaekit.cache.format import (FORMAT_VERSION, INDEX_COLUMNS, bucket_name, index_path, index_table, list_units,
-                                 new_token, publish, read_card, read_unit_meta, unit_files, unit_name, write_catalog,
-                                 write_index)
+from vaekit.cache.format import (FORMAT_MINOR, FORMAT_VERSION, INDEX_COLUMNS, bucket_name, card_hash, catalog_row,
+                                 index_path, index_table, list_units, new_token, part_digest, part_name, publish,
+                                 read_card, read_unit_meta, unit_files, unit_schema, write_catalog, write_index)
 from vaekit.errors import VaekitError
 from vaekit.io import ensure_folder, save_safetensors, write_json
 
@@ -50,19 +50,20 @@ def migrate_cache(cache_dir):
         by_shard.setdefault((variants.get(False) or variants[True])["shard"], {})[key] = variants
     reader, token, catalog, images = v1.ShardReader(cache_dir), new_token(), [], 0
     store = card["key"]["store"]
-    for unit, shard in enumerate(sorted(by_shard)):
-        rows = write_unit(cache_dir, unit, by_shard[shard], reader, token, store)
-        catalog.append((unit, rows, token))
-        images += rows
-    write_catalog(cache_dir, catalog)
-    new_card = {**card, "version": FORMAT_VERSION,
+    new_card = {**card, "version": FORMAT_VERSION, "minor": FORMAT_MINOR,
                 "units": {"kind": "migrated", "unit_size": None, "source": f"format-1 cache ({len(by_shard)} shards)"}}
+    identity = card_hash(new_card)
+    for unit, shard in enumerate(sorted(by_shard)):
+        rows = write_unit(cache_dir, unit, by_shard[shard], reader, token, store, identity)
+        catalog.append(catalog_row(unit, *unit_schema(index_path(cache_dir, unit))))
+        images += rows
+    write_catalog(cache_dir, catalog, {"generation": 1, "writer": "migrate", "card_hash": identity, "card": new_card})
     write_json(cache_dir / "card.json", new_card)  # the switch: from here on the cache is format 2
     remove_v1_files(cache_dir)
     return {"units": len(catalog), "images": images, "samples": len(entries), "already": False}
 
 
-def write_unit(cache_dir, unit, images, reader, token, store):
+def write_unit(cache_dir, unit, images, reader, token, store, identity):
     """One unit from the images ({key: {flip: entry}}) of one format-1 shard; returns its image count."""
     groups, rows = {}, []
     for key in sorted(images):
@@ -83,15 +84,16 @@ def write_unit(cache_dir, unit, images, reader, token, store):
                   offsets[0] if offsets[0] >= 0 else offsets[1], offsets[1] if offsets[0] >= 0 else -1,
                   ow, oh, rw, rh, *box]
         rows.append(dict(zip(INDEX_COLUMNS, values)))
-    name = f"{unit_name(unit)}.p000.{token}.safetensors"
+    name = part_name(unit, 0, token)
     tensors = {f"{kind}/{group}": torch.stack(data[kind]) for group, data in groups.items()
                for kind in ("mean", "logvar") if data[kind]}  # (N, C, h, w)
     first = next(iter(images.values()))
     label = f"format-1 {(first.get(False) or first[True])['shard']}"
-    meta = {"format": FORMAT_VERSION, "unit": unit, "label": label, "signature": "migrated",
-            "token": token, "parts": [name], "rows": len(rows), "errors": []}
     with unit_files(cache_dir, unit) as staging:
         save_safetensors(tensors, staging / name, metadata={"count": str(sum(len(d["mean"]) for d in groups.values()))})
+        meta = {"format": FORMAT_VERSION, "unit": unit, "label": label, "signature": "migrated", "token": token,
+                "parts": [name], "part_files": [{"name": name, **part_digest(staging / name)}], "rows": len(rows),
+                "card": identity, "errors": []}
         publish(staging / name, cache_dir / "units" / name)
         write_index(staging / "index.arrow", index_table(rows, meta))
         publish(staging / "index.arrow", index_path(cache_dir, unit))

@@ -4,7 +4,8 @@ import torch
 from tqdm.auto import tqdm
 
 from vaekit.cache.encode import open_data, stream_latents
-from vaekit.cache.format import list_units, read_card, read_unit_meta, require_version, size_policy
+from vaekit.cache.format import size_policy
+from vaekit.cache.reader import CacheUnits, map_part
 from vaekit.cache.units import Preparer, UnitStream
 from vaekit.codec.inference import BulkEncoder
 from vaekit.device import resolve_compute_dtype, resolve_device
@@ -107,15 +108,17 @@ def suggest_normalization(stats):
 
 
 def cache_statistics(cache_dir, of="auto"):
-    """Statistics of the latents of a cache (every stored variant, flips included), read part by part."""
-    from safetensors.torch import load_file  # whole parts: every row of a part is a current latent
+    """Statistics of the latents of a cache (every stored variant, flips included), read part by part.
 
-    card = read_card(cache_dir)
-    require_version(card, cache_dir)
+    Through the checked reader (vaekit.cache.reader), as every other reader: a damaged unit is one
+    error naming it. Every row of a part is a current latent, so whole tensors are read.
+    """
+    units = CacheUnits(cache_dir, rebuild=False)
     moments = LatentMoments()
-    for path in list_units(cache_dir).values():
-        for part in read_unit_meta(path)["parts"]:
-            tensors = load_file(str(path.parent / part))
+    for slot in range(len(units.units)):
+        index = units.index(slot)
+        for part in index.parts:
+            tensors = map_part(units.root, index.unit, part, units.card, index.records.get(part))
             for name, mean in sorted(tensors.items()):
                 if name.startswith("mean/"):
                     moments.update(mean, tensors.get("logvar/" + name[5:]))

@@ -1,15 +1,36 @@
-"""The background thread that turns encoded batches into a unit's parts and, last, its index."""
+"""The background thread that turns encoded batches into a unit's parts and, last, its index.
 
+Publishing a unit, step by step (each step is a `fault_point`, so tests can pause or kill there):
+
+1. parts are written, hashed and kept in this writer's own staging folder as the unit fills
+   (`part-written`); nobody else removes that folder while this process lives;
+2. at the unit's end the index, naming the parts with their sizes and hashes, is staged
+   (`index-staged`);
+3. the fence: the unit's lock must still hold this process's record, and is renewed
+   (`index-fenced`). A writer that lost its lease (paused longer than --lock_timeout, so another
+   process took the unit over) discards its work with a note instead of publishing it;
+4. the catalog is removed, the parts renamed into units/ (`parts-published`), then the index
+   (`index-published`): from that rename on the unit is done;
+5. the post-check: if the lease was lost between the fence and the rename and a part the index
+   names is gone, the index is withdrawn (only while it is still ours), so a published index never
+   names a missing part; then the previous version's parts are removed (never one that the index in
+   place names), the catalog removed again, and the lock released.
+"""
+
+import os
 import queue
+import shutil
 import threading
 
 import torch
 
-from vaekit.cache.format import (FORMAT, FORMAT_VERSION, NON_FINITE, bucket_name, clean_unit, index_path, index_table,
-                                 current_parts, invalidate_catalog, lock_path, publish, staging_dir, unit_name,
-                                 write_index)
-from vaekit.io import ensure_folder, save_safetensors
-from vaekit.locks import release
+from vaekit.cache.format import (FORMAT, FORMAT_VERSION, NON_FINITE, bucket_name, current_parts, index_path,
+                                 index_table, invalidate_catalog, lock_path, part_digest, part_name, publish,
+                                 read_unit_meta, remove_parts, staging_dir, write_index)
+from vaekit.errors import VaekitError
+from vaekit.faults import fault_point
+from vaekit.io import ensure_folder, owner_tag, save_safetensors
+from vaekit.locks import live_tokens, release, renew
 
 
 class UnitWriter:
@@ -19,17 +40,22 @@ class UnitWriter:
     cache with flips, the mirrored images' rows after the plain ones; ("errors", unit, entries); and
     ("end", unit, {"signature", "label", "failure"}). Every latent is checked for NaN/inf after the
     cast to the storage dtype (so fp16 overflow counts); such an image is dropped whole and listed.
+
+    `leases` maps each unit to the lock record this process holds for it (from `vaekit.locks.try_lock`),
+    checked before publishing; `card_hash` is written into every index; `stale_after` is the lock
+    timeout, which decides whose leftovers may be removed.
     """
 
-    def __init__(self, out, token, shard_size, store, heartbeat=None):
+    def __init__(self, out, token, shard_size, store, heartbeat=None, leases=None, card_hash=None, stale_after=None):
         self.out, self.token, self.shard_size, self.store = out, token, shard_size, store
-        self.heartbeat = heartbeat
+        self.heartbeat, self.leases, self.card_hash, self.stale_after = heartbeat, leases, card_hash, stale_after
         self.queue = queue.Queue(maxsize=8)  # bounds memory (and GPU memory) held by batches in flight
         self.thread = threading.Thread(target=self._loop, name="vaekit-unit-writer", daemon=True)
         self.error = None
         self.units = {}  # unit -> its state while open
-        self.counts = {"units_encoded": 0, "units_failed": 0, "non_finite": 0, "parts": 0}
+        self.counts = {"units_encoded": 0, "units_failed": 0, "units_lost": 0, "non_finite": 0, "parts": 0}
         self.failed = []  # [{"unit", "label", "reason", "detail"}]
+        self.lost = []  # [{"unit", "label", "reason"}]: units whose lease another process took over
 
     def start(self):
         """Start the writer thread (after DataLoader workers have forked: forking a threaded process is unsafe)."""
@@ -59,8 +85,8 @@ class UnitWriter:
         try:
             while (item := self.queue.get()) is not None:
                 kind, unit = item[0], item[1]
-                state = self.units.setdefault(unit, {"groups": {}, "pending": 0, "parts": [], "rows": [],
-                                                     "errors": []})
+                state = self.units.setdefault(unit, {"groups": {}, "pending": 0, "parts": [], "records": [],
+                                                     "rows": [], "errors": []})
                 if kind == "errors":
                     state["errors"].extend(item[2])
                 elif kind == "latents":
@@ -112,7 +138,8 @@ class UnitWriter:
             state["pending"] += len(rows)
 
     def _write_part(self, unit, state):
-        name = f"{unit_name(unit)}.p{len(state['parts']):03d}.{self.token}.safetensors"
+        """Write the unit's pending samples as its next part, in this writer's staging folder, and hash it."""
+        name = part_name(unit, len(state["parts"]), self.token)
         tensors = {}
         for group, data in state["groups"].items():
             tensors[f"mean/{group}"] = torch.stack(data["mean"])  # (N, C, h, w)
@@ -121,31 +148,99 @@ class UnitWriter:
         staging = ensure_folder(staging_dir(self.out, unit))
         metadata = {"format": FORMAT, "count": str(state["pending"]), "store": self.store}
         save_safetensors(tensors, staging / name, metadata=metadata)  # tmp file, fsync, rename
-        publish(staging / name, self.out / "units" / name)
+        # Hashed from the file just written (the page cache): what readers will find, not what we meant.
+        state["records"].append({"name": name, **part_digest(staging / name)})
         state["parts"].append(name)
         state["groups"], state["pending"] = {}, 0
         self.counts["parts"] += 1
+        fault_point("part-written", unit)
+
+    def _lease(self, unit):
+        """None while this process still holds the unit's lock (renewing it), else why not."""
+        record = (self.leases or {}).get(unit)
+        return renew(lock_path(self.out, unit), record) if record is not None else None
 
     def _end(self, unit, state, info):
-        if info.get("failure") is not None:  # a shard that could not be read to its end: no index, redo next run
-            clean_unit(self.out, unit, keep=current_parts(self.out, unit))
-            self.failed.append({"unit": unit, "label": info["label"], **info["failure"]})
-            self.counts["units_failed"] += 1
-        else:
-            if state["pending"]:
-                self._write_part(unit, state)
-            meta = {"format": FORMAT_VERSION, "unit": unit, "label": info["label"], "signature": info["signature"],
-                    "token": self.token, "parts": state["parts"], "rows": len(state["rows"]),
-                    "errors": state["errors"],
-                    # An overflow may pass with another --compute_dtype (not part of the key): such units are redone.
-                    "retry": any(e["reason"] == NON_FINITE for e in state["errors"])}
-            staged = staging_dir(self.out, unit) / "index.arrow"
-            rows = sorted(state["rows"], key=lambda row: row["key"])  # batches were grouped by bucket; rows by key
-            write_index(staged, index_table(rows, meta))
-            invalidate_catalog(self.out)  # before the unit changes: a reader never trusts an outdated catalog
-            publish(staged, index_path(self.out, unit))
-            clean_unit(self.out, unit, keep=set(state["parts"]))  # the parts of the unit's previous version
-            self.counts["units_encoded"] += 1
-        if self.heartbeat is not None:
-            self.heartbeat.discard(lock_path(self.out, unit))
-        release(lock_path(self.out, unit))
+        staging = staging_dir(self.out, unit)
+        try:
+            if info.get("failure") is not None:  # a shard that could not be read to its end: no index, redo next run
+                self.failed.append({"unit": unit, "label": info["label"], **info["failure"]})
+                self.counts["units_failed"] += 1
+            elif (lost := self._lease(unit)) is not None:
+                self._discard(unit, info, lost)
+            else:
+                self._publish(unit, state, info, staging)
+        finally:  # this writer's staging folder goes, whatever happened
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.heartbeat is not None:
+                self.heartbeat.discard(lock_path(self.out, unit))
+            release(lock_path(self.out, unit), (self.leases or {}).get(unit))
+
+    def _discard(self, unit, info, lost):
+        self.lost.append({"unit": unit, "label": info["label"], "reason": f"not published: {lost}"})
+        self.counts["units_lost"] += 1
+
+    def _publish(self, unit, state, info, staging):
+        if state["pending"]:
+            self._write_part(unit, state)
+        meta = {"format": FORMAT_VERSION, "unit": unit, "label": info["label"], "signature": info["signature"],
+                "token": self.token, "parts": state["parts"], "part_files": state["records"],
+                "rows": len(state["rows"]), "card": self.card_hash, "errors": state["errors"],
+                # An overflow may pass with another --compute_dtype (not part of the key): such units are redone.
+                "retry": any(e["reason"] == NON_FINITE for e in state["errors"])}
+        staged = staging / "index.arrow"
+        rows = sorted(state["rows"], key=lambda row: row["key"])  # batches were grouped by bucket; rows by key
+        write_index(staged, index_table(rows, meta))
+        fault_point("index-staged", unit)
+        if (lost := self._lease(unit)) is not None:  # the fence: publish only while the lease is ours
+            self._discard(unit, info, lost)
+            return
+        fault_point("index-fenced", unit)
+        units = self.out / "units"
+        replaced = current_parts(self.out, unit)  # the version this one replaces, removed once it is in place
+        invalidate_catalog(self.out)  # before the unit changes: a reader never trusts an outdated catalog
+        for name in state["parts"]:
+            publish(staging / name, units / name)
+        fault_point("parts-published", unit)
+        publish(staged, index_path(self.out, unit))
+        fault_point("index-published", unit)
+        if not self._post_check(unit, info, state["parts"]):
+            return
+        # The previous version's parts go; a paused writer's (its lock taken over, its process alive) stay:
+        # it may still rename its index in, and that index must find them.
+        remove_parts(self.out, unit, replaced, keep=set(state["parts"]),
+                     keep_tokens=live_tokens((self.leases or {}).get(unit)))
+        invalidate_catalog(self.out)  # a finaliser may have listed the units between the two removals
+        self.counts["units_encoded"] += 1
+
+    def _post_check(self, unit, info, parts):
+        """After the index rename: keep it unless the lease was lost meanwhile and a part it names is gone."""
+        lost = self._lease(unit)
+        if lost is None:
+            return True
+        missing = [name for name in parts if not (self.out / "units" / name).is_file()]
+        if missing:
+            withdraw_index(self.out, unit, self.token)
+        self._discard(unit, info, lost + (" (its index was withdrawn: another process removed its parts)"
+                                          if missing else " (published before the loss was seen)"))
+        return False
+
+
+def withdraw_index(out, unit, token):
+    """Remove the unit's index if it is still the one run `token` published; another run's is put back."""
+    path = index_path(out, unit)
+    aside = path.with_name(f".{path.name}.{owner_tag()}.withdrawn.tmp")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return
+    try:
+        theirs = read_unit_meta(aside).get("token") != token
+    except VaekitError:
+        theirs = False
+    if theirs:
+        try:
+            os.link(aside, path)  # unless a newer index is in place already
+        except FileExistsError:
+            pass
+    aside.unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 """`vaekit encode` and `vaekit stats`: building latent caches and measuring latent statistics."""
 
 import json
+import os
 from pathlib import Path
 
 from vaekit.cache.config import STORE_MODES, EncodeConfig
@@ -39,9 +40,26 @@ def register(subparsers):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_encode)
 
-    p = add_command(subparsers, "cache", "maintain latent caches (migrate from an older format)",
+    p = add_command(subparsers, "cache", "maintain latent caches (verify and repair, migrate from an older format)",
                     "Maintenance of latent caches made by `vaekit encode`.")
-    sub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True, help="migrate")
+    sub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True, help="verify, migrate")
+    verify = add_command(
+        sub, "verify", "hash every part of a cache and check its indices and catalog; --repair fixes what it finds",
+        "Check a latent cache whole: every part hashed against the xxh3 recorded when it was written, every unit "
+        "index against its parts, the catalog against the units, the card against the identity every index "
+        "repeats. Lists damaged units and exits 1 when there are any. --repair moves damaged units (and leftovers "
+        "of killed runs) into CACHE/quarantine/ with the reason, never deleting, restores a damaged card from the "
+        "catalog's copy, and encodes the moved units again from their source (the options recorded in the card; "
+        "--data overrides the source). Safe to interrupt and run again.")
+    verify.add_argument("cache", help="the cache folder")
+    verify.add_argument("--repair", action="store_true", help="move damaged units aside and encode them again")
+    verify.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                        help="parts hashed at once (threads; default: the CPU count, at most 8)")
+    verify.add_argument("--data", help="with --repair: the source to encode from, when it moved since the cache "
+                        "was made (or the cache does not record it)")
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify.add_argument("--quiet", action="store_true", help="no progress bar")
+    verify.set_defaults(func=run_verify)
     migrate = add_command(sub, "migrate", "convert a cache of format 1 to format 2 in place (no image is read)",
                           "Convert a format-1 latent cache (per-image JSON manifests) to format 2 (units with Arrow "
                           "indices). Latents are copied, not recomputed; safe to interrupt and run again.")
@@ -112,6 +130,10 @@ def run_encode(args):
           f"{summary['units_unchanged']} of {summary['units_in_source']} units already done, "
           f"{summary['errors']} images skipped with errors"
           + (f" (listed in {out / 'errors.jsonl'})" if summary["errors"] else ""))
+    if summary["units_repaired"]:
+        first = summary["repaired"][0]
+        print(f"{summary['units_repaired']} unit(s) failed their checks and were encoded again (first: "
+              f"{first['label']}: {first['reason']})")
     print(f"cache {out}: {summary['cache_images']} images in {summary['cache_units']} units")
     return 0
 
@@ -129,11 +151,28 @@ def run_migrate(args):
     return 0
 
 
+def run_verify(args):
+    """Verify a cache; with --repair, fix what was found. Exit 1 while damage remains."""
+    from vaekit.cache.verify import format_report, repair_cache, report_json, verify_cache  # torch: only now
+
+    if args.jobs < 1:
+        raise VaekitError(f"--jobs must be at least 1, got {args.jobs}.")
+    report = verify_cache(args.cache, jobs=args.jobs, progress=not (args.quiet or args.json))
+    repair = None
+    if args.repair and (report["damaged"] or report["pending"] or report["card"] or report["leftovers"]
+                        or report["catalog"]):
+        repair = repair_cache(args.cache, report, data=args.data, progress=not (args.quiet or args.json))
+    print(json.dumps(report_json(report, repair), indent=2) if args.json else format_report(report, repair))
+    if repair is not None:
+        return 1 if repair["lost"] or repair["busy"] else 0
+    return 1 if report["damaged"] or report["pending"] or report["card"] else 0
+
+
 def run_stats(args):
     """Latent statistics of a cache or of a VAE on images; optionally export the VAE with them."""
     # torch and diffusers: only once the command runs
     from vaekit.cache.encode import load_encoder_vae
-    from vaekit.cache.format import read_card
+    from vaekit.cache.reader import open_card
     from vaekit.cache.stats import cache_statistics, data_statistics, suggest_normalization, write_normalization
     from vaekit.model.architecture import fingerprint
     from vaekit.model.normalization import scale_shift
@@ -142,17 +181,17 @@ def run_stats(args):
         raise VaekitError("Pass either a cache folder (vaekit stats CACHE) or --vae MODEL --data SRC.")
     vae = None
     if args.cache:
-        card = read_card(args.cache)
+        info = open_card(args.cache)  # checked: a damaged card is one message
         stats = cache_statistics(args.cache, args.of)
-        current = (card["key"]["scaling_factor"], card["key"]["shift_factor"] or 0.0)
+        current = (info.scaling_factor, info.shift_factor)
         if args.write:
             if args.vae:
                 vae = load_encoder_vae(config_from_args(EncodeConfig, args))
             else:  # the VAE the card names, loaded as `vaekit encode` loaded it
-                source = card.get("vae", {})
+                source = info.card.get("vae") if isinstance(info.card.get("vae"), dict) else {}
                 vae = load_encoder_vae(EncodeConfig(vae=source.get("source") or "", override=source.get("override", []),
                                                     weights=source.get("weights", "ema")))
-            if fingerprint(vae) != card["key"]["vae_fingerprint"]:
+            if fingerprint(vae) != info.key.get("vae_fingerprint"):
                 raise VaekitError(f"This VAE is not the one that encoded {args.cache}; pass that one with --vae.")
     else:
         if not args.vae:
