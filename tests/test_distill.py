@@ -2,7 +2,6 @@
 training from the teacher's cached latents, the refused inputs, and latent compatibility in `vaekit evaluate`."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -11,34 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
-from safetensors.torch import load_file
 
-import imagegen
-from conftest import reset_accelerate
-from test_train import free_port, max_diff, random_lpips, tensors, write_config
+from test_train import isolated, photos  # noqa: F401 (fixtures: random-backbone LPIPS and a clean Accelerate; photos)
+from test_train import max_diff, tensors, train_two_processes, write_config
 from vaekit.cli import main
 
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 HALF = {"block_out_channels": [16, 16, 32, 32], "norm_num_groups": 8}  # preset:tiny at half width
-
-
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch):
-    """Random-backbone LPIPS for loss and metric; a clean Accelerate state for every in-process run."""
-    monkeypatch.setattr("vaekit.pretrained.backbones.load_lpips",
-                        lambda net="vgg", path=None, device=None, **kw: random_lpips())
-    yield
-    reset_accelerate()
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """Ten small photo-like PNGs."""
-    folder = tmp_path_factory.mktemp("photos")
-    imagegen.write_photos(folder, 10, size=(48, 40))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +127,11 @@ def test_cached_teacher_latents_train_the_student_as_the_teacher_would(tmp_path,
     assert "was encoded by another VAE" in capsys.readouterr().err
     assert main(["train", "--config", str(cfg), "out_dir=" + str(tmp_path / "big"), "data.size=64"]) == 2
     assert "larger than the images of" in capsys.readouterr().err
+    means = tmp_path / "means"
+    encode_dataset(EncodeConfig(data=str(photos), out=str(means), vae=str(teacher), resolution=32, store="mode",
+                                num_workers=0), progress=False)
+    assert main(["train", "--config", str(cfg), "out_dir=" + str(tmp_path / "means_run"), f"distill.cache={means}"]) == 2
+    assert "posterior variance would not learn" in capsys.readouterr().err
 
 
 def test_two_process_distillation_matches_one_process(tmp_path, photos, teacher):
@@ -156,12 +141,7 @@ def test_two_process_distillation_matches_one_process(tmp_path, photos, teacher)
                     disc={"weight": 0.5, "n_layers": 1, "base_channels": 8, "norm": "none"})
     dist, single = tmp_path / "dist", tmp_path / "single"
     cfg = distill_config(tmp_path / "c.yaml", dist, photos, teacher, **sections)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "-m", "vaekit.cli", "train", "--config", str(cfg)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    train_two_processes(cfg, tmp_path)
     meta = json.loads((dist / "checkpoint-000002" / "meta.json").read_text())
     assert meta["data"]["processes"] == 2 and len(set(meta["replica_fingerprints"])) == 1
 
@@ -241,3 +221,81 @@ def test_evaluate_scores_latent_compatibility_beside_the_teacher(tmp_path, photo
     summary = json.loads((tmp_path / "eval2" / "metrics.json").read_text())
     assert [m["label"] for m in summary["models"]] == [str(tmp_path / "stranger"), str(teacher)]
     assert summary["teacher"] == str(teacher)
+
+
+def test_cached_pairs_cut_pixels_and_latents_at_the_same_place(tmp_path, photos, teacher):
+    """A crop smaller than the cached images takes the latents under it; a flip takes the mirrored latents."""
+    from vaekit.cache.config import EncodeConfig
+    from vaekit.cache.encode import encode_dataset
+    from vaekit.cache.dataset import load_latents
+    from vaekit.cache.pairs import CachedPairs, collate_pairs
+    from vaekit.cache.units import prepare_pixels
+    from vaekit.data.decode import decode_image
+    from vaekit.data.sources import open_source
+
+    cache = tmp_path / "cache"
+    encode_dataset(EncodeConfig(data=str(photos), out=str(cache), vae=str(teacher), resolution=64, flip=True,
+                                dtype="fp32", num_workers=0), progress=False)
+    source = open_source(str(photos))
+    pairs = CachedPairs(cache, source, size=32, flip=True, seed=3)
+    flipped = set()
+    for index in range(len(source)):
+        item = pairs[(index, 1)]
+        full, _, _ = prepare_pixels(decode_image(source[index].read_bytes()), {"mode": "resolution", "resolution": 64,
+                                    "small_images": "upscale", "min_size": 0})
+        pixels = ((item["pixels"] + 1) * 127.5).round().to(torch.uint8)  # (3, 32, 32)
+        found = None
+        for flip in (False, True):
+            image = full.flip(-1) if flip else full
+            for top in range(0, 33, 8):
+                for left in range(0, 33, 8):
+                    if torch.equal(image[:, top:top + 32, left:left + 32], pixels):
+                        found = (flip, top, left)
+        assert found is not None, index
+        flip, top, left = found
+        mean, logvar = load_latents(cache, source[index].key, flip=flip)
+        window = (slice(None), slice(top // 8, top // 8 + 4), slice(left // 8, left // 8 + 4))
+        assert torch.equal(item["mean"], mean[window]) and torch.equal(item["logvar"], logvar[window])
+        flipped.add(flip)
+    assert flipped == {False, True}  # both variants are drawn
+    assert pairs[(0, 1)]["mean"].shape == (8, 4, 4)
+    batch = collate_pairs([pairs[(0, 0)], {"error": "broken", "key": "x"}, pairs[(1, 0)]])
+    assert batch["pixels"].shape == (2, 3, 32, 32) and batch["mean"].shape == (2, 8, 4, 4)
+    assert batch["errors"] == [{"key": "x", "error": "broken"}]
+
+
+def test_shipped_distillation_configs_build_their_students():
+    """Each config builds its student in the teacher's latent space: half SD's widths, or TAESD's architecture."""
+    from vaekit.config import load_config
+    from vaekit.model import describe, load_vae
+    from vaekit.train import TrainConfig, check_config
+    from vaekit.train.distill import student_overrides
+
+    teacher = load_vae("preset:tiny", overrides={"latent_channels": 8, "scaling_factor": 0.5}, seed=0)
+    for name, family, widths in (("distill_kl_half", "AutoencoderKL", [64, 128, 256, 256]),
+                                 ("distill_tiny", "AutoencoderTiny", None)):
+        cfg = load_config(TrainConfig, ROOT / "configs" / "train" / f"{name}.yaml", ["distill.teacher=T"])
+        check_config(cfg)
+        with torch.device("meta"):
+            student = load_vae(cfg.model.source, overrides=cfg.model.overrides)
+        changes = student_overrides(student, teacher, cfg.model.overrides, cfg.model.source)
+        info = describe(load_vae(cfg.model.source, overrides={**cfg.model.overrides, **changes}))
+        assert info["class"] == family and info["latent_channels"] == 8
+        assert info["scaling_factor"] == (0.5 if family == "AutoencoderKL" else 1.0)
+        if widths:
+            assert info["block_out_channels"] == widths and info["layers_per_block"] == 2
+        assert cfg.distill.latent_weight == 1.0 and cfg.ema.enabled
+
+
+@pytest.mark.slow  # four processes load torch: 20 s on 2 cores (`make test-slow`)
+def test_bench_distill_runs_and_writes_its_rows(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_distill.py"), "--teacher", "preset:tiny",
+                           "--size", "32", "--warmup", "0", "--repeats", "1", "--threads", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["model"]: row for row in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["teacher", "kl-half", "tiny"]
+    assert rows["tiny"]["class"] == "AutoencoderTiny" and rows["kl-half"]["class"] == "AutoencoderKL"
+    assert rows["teacher"]["speedup"] == 1.0 and all(r["seconds"] > 0 and r["peak_mib"] >= 0 for r in rows.values())
+    assert "| tiny | AutoencoderTiny |" in done.stdout and "target >= 10x" in done.stdout

@@ -165,12 +165,16 @@ def build_preset(name, overrides=None, seed=None):
         raise VaekitError(f"preset:{name} is an AutoencoderTiny; build it with vaekit.model.load_vae('preset:{name}').")
     if name not in PRESETS:
         raise VaekitError(f"Unknown preset '{name}'. Choose one of: {', '.join([*PRESETS, *TINY_PRESETS])}.")
-    config = make_config(PRESETS[name], overrides)
+    return construct(AutoencoderKL, make_config(PRESETS[name], overrides), seed)
+
+
+def construct(cls, config, seed=None):
+    """A randomly initialised `cls(**config)`: from torch's global RNG, or with `seed` without touching it."""
     if seed is None:
-        return AutoencoderKL(**config)
+        return cls(**config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoencoderKL(**config)
+        return cls(**config)
 
 
 def vae_config(vae):
@@ -212,15 +216,16 @@ def check_state_dict(expected, state_dict, source):
         )
 
 
-def vae_from_state_dict(config, state_dict, source):
-    """An AutoencoderKL (fp32, eval mode) of `config` holding `state_dict`, checked before any weight is allocated.
+def vae_from_state_dict(config, state_dict, source, cls=AutoencoderKL):
+    """A model of `cls` (AutoencoderKL by default; fp32, eval mode) of `config` holding `state_dict`, checked before any
+    weight is allocated.
 
     The model is built on the meta device (no memory), its shapes compared with the file's tensors,
     and the tensors then become its parameters (`assign=True`): loading allocates no more than the
     file's tensors need, whatever architecture the file claims.
     """
     with torch.device("meta"):
-        vae = AutoencoderKL(**config)
+        vae = cls(**config)
     check_state_dict(vae.state_dict(), state_dict, source)
     tensors = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state_dict.items()}
     vae.load_state_dict(tensors, strict=True, assign=True)

@@ -18,13 +18,12 @@ diffusers'.
 import math
 from pathlib import Path
 
-import torch
 from diffusers import AutoencoderTiny
 
 from vaekit.errors import VaekitError
 from vaekit.io import atomic_folder, save_safetensors
 from vaekit.model.architecture import (ACTIVATIONS, MAX_LEVELS, MAX_WIDTH, _bad, _finite_number, _integer,
-                                       check_state_dict, config_keys, vae_config)
+                                       config_keys, construct, vae_config, vae_from_state_dict)
 from vaekit.model.presets import TINY_PRESETS
 from vaekit.model.single_file import read_checkpoint
 
@@ -97,22 +96,12 @@ def _int_list(value, key, low, high, source):
 
 def tiny_from_state_dict(config, state_dict, source):
     """An AutoencoderTiny (fp32, eval mode) of `config` holding `state_dict`, shapes checked before allocation."""
-    with torch.device("meta"):
-        vae = AutoencoderTiny(**config)
-    check_state_dict(vae.state_dict(), state_dict, source)
-    tensors = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state_dict.items()}
-    vae.load_state_dict(tensors, strict=True, assign=True)
-    return vae.eval()
+    return vae_from_state_dict(config, state_dict, source, cls=AutoencoderTiny)
 
 
 def build_tiny_preset(name, overrides=None, seed=None):
     """A randomly initialised AutoencoderTiny of a TINY_PRESETS architecture; `seed` fixes its weights."""
-    config = make_tiny_config(TINY_PRESETS[name], overrides, source=f"preset:{name}")
-    if seed is None:
-        return AutoencoderTiny(**config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return AutoencoderTiny(**config)
+    return construct(AutoencoderTiny, make_tiny_config(TINY_PRESETS[name], overrides, source=f"preset:{name}"), seed)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ Encoder and decoder learn separately, each from the teacher:
   diagonal Gaussians in the normalised space, ||mu_s - mu_t||^2 + ||sigma_s - sigma_t||^2 (mean over
   elements; a tiny student's encoder is deterministic, so only the mean term). It is the expected
   squared distance between a student and a teacher sample drawn with the same noise, in the units the
-  denoiser sees. A KL divergence would divide the mean error by the teacher's variance, which for SD's
-  VAE is tiny (posterior std of about 1e-3 of the latents' spread): its scale would follow the variance
-  rather than the error and its gradients would explode (docs/training.md);
+  denoiser sees. A KL divergence would divide the mean error by a variance, which in VAEs trained with
+  latent-diffusion's tiny KL weight is a small fraction of the latents' spread: its scale would follow
+  the variance rather than the error, and its gradients would explode (docs/training.md);
 - the decoder decodes the teacher's latents (a sample of its posterior, or its mean with
   model.sample_posterior=false) and is scored against the image with reconstruction + LPIPS (+ GAN),
   plus optionally against the teacher's own decode of the same latents (distill.teacher_decode_weight).
@@ -295,6 +295,10 @@ def make_distiller(cfg, teacher, teacher_print, student):
 def check_student(vae, cfg):
     """Refuse what a student cannot train with; an AutoencoderTiny trains only as a student."""
     if not is_tiny(vae):
+        if cfg.distill.cache and read_card(cfg.distill.cache).get("key", {}).get("store") == "mode":
+            raise VaekitError(f"distill.cache {cfg.distill.cache} stores posterior means only (--store mode), so a "
+                              f"KL student's posterior variance would not learn, and pipelines that sample it "
+                              f"(img2img) would add untrained noise; encode with --store mean_logvar (the default).")
         return
     if not cfg.distill.teacher:
         raise VaekitError(f"{cfg.model.source} is an AutoencoderTiny, which trains only as a distillation student "
