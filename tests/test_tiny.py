@@ -141,6 +141,9 @@ def test_every_command_takes_a_tiny_model(tmp_path, photos, capsys):
                  "--out", str(tmp_path / "inspect")]) == 0
     assert (tmp_path / "inspect" / "inspect.json").is_file()
     assert main(["inspect", "--vae", tiny, "--data", str(photos), "--size", "32", "--quiet", "--precision"]) == 0
+    assert main(["stats", "--vae", tiny, "--data", str(photos), "--resolution", "32", "--num_workers", "0",
+                 "--write", str(tmp_path / "normalised")]) == 2
+    assert "normalise the teacher instead" in capsys.readouterr().err
 
 
 def test_replace_vae_measures_that_the_latent_space_is_shared(tmp_path):
