@@ -20,12 +20,10 @@ import contextlib
 import copy
 import dataclasses
 import datetime
-import gc
 import math
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -35,6 +33,8 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchlib lives beside this script
+from benchlib import cpu_name, error_text, fmt, free_memory, is_oom, log, sync, time_calls  # noqa: E402
 from vaekit.codec import levers as fast
 from vaekit.device import DTYPES
 from vaekit.errors import VaekitError
@@ -196,49 +196,7 @@ def resolve_defaults(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Device helpers: synchronisation, memory, FLOPs, numerics
-
-
-def sync(device):
-    """Wait for queued GPU work, so a wall-clock interval covers it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak_memory(device):
-    """Start a new peak-memory window: CUDA allocator peak, or the process's peak RSS on Linux."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    with contextlib.suppress(OSError):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM, the peak resident set size (Linux >= 4.0)
-
-
-def peak_memory_mib(device):
-    """Peak memory since reset_peak_memory: torch.cuda.max_memory_allocated, or the process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    with contextlib.suppress(OSError):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def free_memory(device):
-    """Drop freed tensors so the next row starts from the same memory state."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def is_oom(error):
-    """Whether an exception is the CUDA allocator running out of memory."""
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+# FLOPs and numerics (timing and memory: benchlib)
 
 
 def count_flops(fn):
@@ -287,34 +245,6 @@ def strict_fp32():
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def time_calls(fn, device, warmup, repeats, graphs=False):
-    """(median seconds, first-call seconds, peak MiB, last output) of `fn` after `warmup` untimed calls."""
-    first = None
-    for i in range(max(1, warmup)):
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        if i == 0:
-            first = time.perf_counter() - t0
-    reset_peak_memory(device)
-    times, out = [], None
-    for _ in range(repeats):
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    peak = peak_memory_mib(device)
-    # A CUDA-graph replay overwrites its output buffer on the next call, so keep a copy of this one.
-    out = out.detach().clone() if torch.is_tensor(out) else out
-    return statistics.median(times), first, peak, out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -491,11 +421,6 @@ def measure_inference(setup, vae, variant, args, device):
     row.psnr_db = psnr_against(out[:setup.gate_n], setup.reference)
     row.gate_ok = row.psnr_db >= args.gate_db
     return row
-
-
-def error_text(error):
-    """How a row records a failure: "OOM", or the exception's type and first line."""
-    return "OOM" if is_oom(error) else f"{type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}"
 
 
 def run_inference_workload(workload, base, variants, args, device, dtype):
@@ -818,16 +743,6 @@ def run_train_workload(workload, base, variants, args, device, dtype):
 # Report
 
 
-def log(text):
-    """Progress to stderr, so stdout carries only the table."""
-    print(text, file=sys.stderr, flush=True)
-
-
-def fmt(value, spec):
-    """A number formatted, or an en dash for a missing one."""
-    return "–" if value is None else format(value, spec)
-
-
 def baseline_of(row, rows):
     """The eager (plain-step) row of the same workload and batch."""
     for other in rows:
@@ -923,16 +838,6 @@ def environment(args, device, dtype):
         # Other processes on the machine make CPU timings noisy; the load says how much.
         info["load_average_1_5_15min"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     return info
-
-
-def cpu_name():
-    """The CPU's model name from /proc/cpuinfo, or what platform knows."""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def render_report(rows, args, info, peak):

@@ -38,6 +38,9 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib lives beside this script
+from benchlib import process_memory_bytes  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = 4096
 LATENT = (4, 2, 2)
@@ -51,11 +54,7 @@ def rss_mb():
 
 def anon_mb():
     """The anonymous part of the RSS (heap, Python objects), in MB: what is not clean file pages."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return process_memory_bytes("RssAnon") / 2**20
 
 
 class PeakRSS:

@@ -28,7 +28,9 @@ from pathlib import Path
 
 import torch
 
-from vaekit.device import DTYPES
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib lives beside this script
+from benchlib import process_memory_bytes, reset_peak_memory  # noqa: E402
+from vaekit.device import DTYPES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "data" / "photos" / "eval"
@@ -51,18 +53,6 @@ def parse_args(argv=None):
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one variant in this process
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
-
-def status_bytes(field):
-    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
-def reset_peak_rss():
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux 4.0+), so a warm-up's peak is not counted."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def load_photo(args):
@@ -109,8 +99,8 @@ def run_worker(args):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    reset_peak_rss()
-    before_rss = status_bytes("VmRSS")
+    reset_peak_memory(torch.device("cpu"))
+    before_rss = process_memory_bytes("VmRSS")
     start = time.perf_counter()
     with torch.no_grad():
         y = reconstruct(vae, x, args.worker, args.tile)
@@ -118,7 +108,7 @@ def run_worker(args):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        peak = status_bytes("VmHWM") - before_rss
+        peak = process_memory_bytes("VmHWM") - before_rss
     seconds = time.perf_counter() - start
     work = Path(args.workdir)
     torch.save(y.cpu(), work / f"{args.worker}.pt")

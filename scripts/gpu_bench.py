@@ -40,7 +40,9 @@ import time
 import traceback
 from pathlib import Path
 
-from vaekit.io import write_json, write_text
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib lives beside this script
+from benchlib import cpu_name, error_text, fmt, is_oom  # noqa: E402
+from vaekit.io import write_json, write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -379,10 +381,6 @@ def lever_switch(lever):
     if lever == "channels_last":
         switch += "; vaekit encode --no-channels-last"
     return switch
-
-
-def fmt(value, spec):
-    return "–" if value is None else format(value, spec)
 
 
 def render(doc):
@@ -756,28 +754,6 @@ for info in pkgutil.walk_packages(vaekit.__path__, "vaekit.", onerror=lambda nam
     if not info.name.endswith("__main__"):  # those run the command line
         check(info.name)
 """
-
-
-def cpu_name():
-    """The CPU's model name from /proc/cpuinfo, or what platform knows."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def error_text(error):
-    """How a row records a failure: "OOM", or the exception's type and first line."""
-    if is_oom(error):
-        return "OOM"
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
-
-
-def is_oom(error):
-    """Whether an exception is the CUDA allocator running out of memory."""
-    return type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower()
 
 
 def version_of(name):

@@ -462,6 +462,16 @@ def free_port():
         return s.getsockname()[1]
 
 
+def train_two_processes(cfg, cwd):
+    """`vaekit train --config cfg` as 2 CPU processes (gloo) under `accelerate launch`; fails the test if it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "vaekit.cli", "train", "--config", str(cfg)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_two_process_run_keeps_replicas_identical_and_matches_the_recipe(tmp_path, photos):
     """2 CPU processes (gloo) x 1 image x 2 accumulation == 1 process x 1 image x 4 accumulation.
 
@@ -478,12 +488,7 @@ def test_two_process_run_keeps_replicas_identical_and_matches_the_recipe(tmp_pat
     )
     dist, single = tmp_path / "dist", tmp_path / "single"
     cfg = write_config(tmp_path / "c.yaml", dist, photos, **sections)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "-m", "vaekit.cli", "train", "--config", str(cfg)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    train_two_processes(cfg, tmp_path)
     meta = json.loads((dist / "checkpoint-000003" / "meta.json").read_text())
     assert meta["data"]["processes"] == 2 and meta["data"]["global_batch"] == 4
     assert meta["loop"]["images_seen"] == 3 * 1 * 2 * 2  # steps x batch x processes x accumulation
@@ -571,12 +576,7 @@ def test_regularised_two_process_run_matches_one_process(tmp_path, photos, tiny_
     sections["train"] = {"steps": 3, "batch_size": 1, "grad_accum": 2, "checkpoint_every": 3}
     dist, single = tmp_path / "dist", tmp_path / "single"
     cfg = write_config(tmp_path / "c.yaml", dist, photos, **sections)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "-m", "vaekit.cli", "train", "--config", str(cfg)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    train_two_processes(cfg, tmp_path)
     meta = json.loads((dist / "checkpoint-000003" / "meta.json").read_text())
     assert meta["data"]["processes"] == 2
     fingerprints = meta["replica_fingerprints"]

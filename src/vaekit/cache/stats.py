@@ -10,7 +10,7 @@ from vaekit.cache.units import Preparer, UnitStream
 from vaekit.codec.inference import BulkEncoder
 from vaekit.device import resolve_compute_dtype, resolve_device
 from vaekit.errors import VaekitError
-from vaekit.model.architecture import copy_vae, downsample_factor
+from vaekit.model.architecture import copy_vae, downsample_factor, is_tiny
 from vaekit.model.load import save_diffusers
 from vaekit.moments import RunningMoments
 
@@ -157,5 +157,9 @@ def data_statistics(vae, config, of="auto", progress=True):
 
 def write_normalization(vae, suggestion, out_dir):
     """Export `vae` as a diffusers folder whose config holds the suggested normalisation; returns the path."""
+    if is_tiny(vae):
+        raise VaekitError("An AutoencoderTiny's latents are its teacher's normalised latents (scaling_factor 1.0 by "
+                          "diffusers' TAESD convention): normalise the teacher instead (vaekit export TEACHER -o "
+                          "scaling_factor=... -o shift_factor=...), and distil the tiny model from it.")
     keys = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
     return save_diffusers(copy_vae(vae, {k: suggestion[k] for k in keys}), out_dir)

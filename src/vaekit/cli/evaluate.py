@@ -38,6 +38,9 @@ def register(subparsers):
     p.add_argument("--crop", type=int, help="side of the comparison crops in pixels (default 96)")
     p.add_argument("--psnr_cap", type=float, help="PSNR cap in dB (default 100)")
     flag(p, "diffusability", "latent spectrum and equivariance error of each model (default on)")
+    p.add_argument("--teacher", metavar="LABEL|MODEL",
+                   help="a teacher (one of the --vae labels or models, else loaded and added): each model of its "
+                        "latent grid is scored on decoding its latents and encoding into its latent space")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_evaluate)
 
@@ -100,6 +103,12 @@ def print_summary(summary):
     for model in summary["models"]:
         if model.get("diffusability"):
             print(f"diffusability: {model['label']}: {model['diffusability']['verdict']}")
+    for model in summary["models"]:
+        c = model.get("latent_compatibility")
+        if c:
+            print(f"latent compatibility with {c['teacher']}: {model['label']}: decoding its latents PSNR "
+                  f"{fmt(c['decode_psnr_vs_teacher'], 2)} dB vs its decode, {fmt(c['decode_psnr_vs_image'], 2)} dB vs "
+                  f"the image; own latents {fmt(c['latent_error'], 3)} of theirs (relative RMS)")
     for warning in summary["warnings"]:
         print(f"warning: {warning}")
 

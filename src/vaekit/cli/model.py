@@ -5,6 +5,9 @@ import json
 from vaekit.cli.args import add_command, add_model_arguments, load_model_from_args
 from vaekit.config import DTYPE_NAMES
 
+# The TAESD file-name prefixes ComfyUI knows (vaekit.model.tiny.TAESD_FAMILIES), here without loading torch.
+TAESD_FAMILIES = ("taesd", "taesdxl", "taesd3", "taef1")
+
 
 def register(subparsers):
     """Add info, export and convert."""
@@ -14,12 +17,16 @@ def register(subparsers):
     p.set_defaults(func=run_info)
 
     p = add_command(subparsers, "export", "write a VAE as a diffusers folder or a single-file safetensors",
-                    "Write any model argument as a diffusers folder (what AutoencoderKL.from_pretrained reads) or "
-                    "one original-layout .safetensors (what single-file tools read), atomically.")
+                    "Write any model argument as a diffusers folder (what AutoencoderKL.from_pretrained reads), "
+                    "one original-layout .safetensors (what single-file tools read) or, for an AutoencoderTiny, "
+                    "TAESD's encoder/decoder pair (what ComfyUI reads from models/vae_approx), atomically.")
     add_model_arguments(p, name="src", help_text="what to export")
-    p.add_argument("--out", required=True, help="output folder (diffusers) or .safetensors path (single-file)")
-    p.add_argument("--format", choices=["diffusers", "single-file"], default="diffusers",
-                   help="diffusers folder (default) or original-layout single file")
+    p.add_argument("--out", required=True, help="output folder (diffusers, taesd) or .safetensors path (single-file)")
+    p.add_argument("--format", choices=["diffusers", "single-file", "taesd"], default="diffusers",
+                   help="diffusers folder (default), original-layout single file, or a TAESD pair (AutoencoderTiny)")
+    p.add_argument("--taesd_name", choices=sorted(TAESD_FAMILIES), default="taesd",
+                   help="--format taesd: the file-name prefix, which tells ComfyUI the teacher's latent "
+                        "normalisation (taesd: SD 1.x/2.x, taesdxl: SDXL, taesd3: SD3, taef1: FLUX; default taesd)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="dtype of the stored weights (default fp32)")
     p.set_defaults(func=run_export)
 
@@ -27,7 +34,8 @@ def register(subparsers):
                     "Convert a VAE between the diffusers and the original latent-diffusion layout with one mapping "
                     "table, keeping the dtype the weights are stored in.")
     add_model_arguments(p, name="src", help_text="what to convert")
-    p.add_argument("--to", choices=["diffusers", "single-file"], required=True, help="the layout to write")
+    p.add_argument("--to", choices=["diffusers", "single-file", "taesd"], required=True,
+                   help="the layout to write (taesd: an AutoencoderTiny's encoder/decoder pair, named taesd_*)")
     p.add_argument("--out", required=True, help="output folder (diffusers) or .safetensors path (single-file)")
     p.set_defaults(func=run_convert)
 
@@ -41,6 +49,16 @@ def run_info(args):
         print(json.dumps(info, indent=2))
         return 0
     params = info["parameters"]
+    if info["class"] == "AutoencoderTiny":
+        print(f"AutoencoderTiny (TAESD)  {args.model}")
+        print(f"  downsampling     {info['downsample_factor']}x  (latent = image / {info['downsample_factor']} per side)")
+        print(f"  latent channels  {info['latent_channels']}  (normalised latents: no posterior variance)")
+        print(f"  encoder          widths {info['encoder_block_out_channels']}  blocks {info['num_encoder_blocks']}")
+        print(f"  decoder          widths {info['decoder_block_out_channels']}  blocks {info['num_decoder_blocks']}")
+        print(f"  scaling factor   {info['scaling_factor']}")
+        print(f"  shift factor     {info['shift_factor']}")
+        print(f"  parameters       encoder {params['encoder']:,}  decoder {params['decoder']:,}  total {params['total']:,}")
+        return 0
     print(f"AutoencoderKL  {args.model}")
     print(f"  downsampling     {info['downsample_factor']}x  (latent = image / {info['downsample_factor']} per side)")
     print(f"  latent channels  {info['latent_channels']}")
@@ -58,7 +76,8 @@ def run_export(args):
     from vaekit.device import DTYPES  # torch: only once the command runs
     from vaekit.model.load import write_model
 
-    path = write_model(load_model_from_args(args, name="src"), args.out, args.format, DTYPES[args.dtype])
+    path = write_model(load_model_from_args(args, name="src"), args.out, args.format, DTYPES[args.dtype],
+                       taesd_name=args.taesd_name)
     print(f"wrote {args.format} ({args.dtype}) to {path}")
     return 0
 

@@ -8,8 +8,9 @@ from vaekit.cli.args import add_command
 def register(subparsers):
     """Add train."""
     p = add_command(
-        subparsers, "train", "train a VAE from scratch or fine-tune its decoder",
-        "Train an AutoencoderKL from a YAML config; key=value arguments override config keys "
+        subparsers, "train", "train a VAE from scratch, fine-tune its decoder, or distil a smaller one from a teacher",
+        "Train an AutoencoderKL from a YAML config, or with distill.teacher=MODEL a smaller AutoencoderKL or an "
+        "AutoencoderTiny that keeps the teacher's latent space; key=value arguments override config keys "
         "(e.g. train.steps=200 data.path=photos/). The resolved config is saved in out_dir.",
     )
     p.add_argument("--config", metavar="FILE",

@@ -9,6 +9,11 @@ tile: 'off', 'auto' (tile when the untiled pass would exceed the memory budget, 
 out-of-memory error) or a tile size in pixels; tiles are exact (vaekit.codec.tiling). A half-precision
 batch whose result is not finite is redone in fp32 with a warning. `BulkEncoder` is the encoder set
 up for throughput (device, dtype, channels-last, compile) that bulk caching and statistics use.
+
+An AutoencoderTiny (TAESD) takes the same calls untiled (`tile="auto"` runs it whole; a tile size is
+refused: vaekit's tiles follow AutoencoderKL's GroupNorm stages). Its encoder is deterministic: its
+posterior is its latents with the log-variance floor diffusers clamps every posterior to
+(`TINY_LOGVAR`, a standard deviation of 3e-7), so code that reads posteriors works unchanged.
 """
 
 import math
@@ -18,12 +23,19 @@ import torch
 
 from vaekit.codec import memory, tiling
 from vaekit.codec.options import parse_tile
-from vaekit.model.architecture import cast_vae, downsample_factor, model_device, model_dtype
+from vaekit.errors import VaekitError
+from vaekit.model.architecture import cast_vae, downsample_factor, is_tiny, model_device, model_dtype
+
+# diffusers' DiagonalGaussianDistribution clamps log-variances to [-30, 20]; a deterministic encoder sits at the floor.
+TINY_LOGVAR = -30.0
 
 
 def tile_option(vae, tile, overlap=None):
     """The one check of --tile and --overlap against a model, before any image is read; returns the parsed tile."""
     tile = parse_tile(tile)
+    if is_tiny(vae):
+        check_tiny_tiling(tile, overlap)
+        return tile
     tiling.check_overlap(vae, overlap)
     if isinstance(tile, int):
         tiling.check_tiling(vae, tile, overlap)
@@ -91,6 +103,8 @@ def encode(vae, x, tile="off", overlap=None, memory_budget=None):
     gives each stage its receptive field, which makes the tiled result equal the untiled one.
     """
     tiling.check_images(x, vae)
+    if is_tiny(vae):
+        return encode_tiny(vae, x, tile, overlap)
     tiling.check_supported(vae)
     f = downsample_factor(vae)
     h, w = math.ceil(x.shape[-2] / f), math.ceil(x.shape[-1] / f)
@@ -106,6 +120,8 @@ def decode(vae, z, tile="off", overlap=None, memory_budget=None, size=None):
     tile, overlap and memory_budget as for `encode`, in image pixels.
     """
     tiling.check_latents(z, vae)
+    if is_tiny(vae):
+        return decode_tiny(vae, z, tile, overlap, size)
     tiling.check_supported(vae)
     f = downsample_factor(vae)
     pixels = (z.shape[-2] * f, z.shape[-1] * f)
@@ -134,6 +150,30 @@ def encode_decode(vae, x, sample=False, seeds=None, tile="off", overlap=None, me
         return decode(vae, z, tile=tile, overlap=overlap, memory_budget=memory_budget, size=tuple(x.shape[-2:]))
 
 
+def check_tiny_tiling(tile, overlap):
+    """An AutoencoderTiny runs untiled: refuse a tile size or an overlap, saying why."""
+    if isinstance(tile, int) or overlap is not None:
+        raise VaekitError("vaekit's exact tiles follow AutoencoderKL's GroupNorm stages; an AutoencoderTiny (TAESD) "
+                          "runs untiled. Use --tile off or auto, without --overlap.")
+
+
+def encode_tiny(vae, x, tile="off", overlap=None):
+    """`encode` for an AutoencoderTiny: (latents, the constant TINY_LOGVAR), each (B, C, ceil(H/f), ceil(W/f))."""
+    check_tiny_tiling(parse_tile(tile), overlap)
+    f = downsample_factor(vae)
+    h, w = math.ceil(x.shape[-2] / f), math.ceil(x.shape[-1] / f)
+    x = tiling.pad_to_multiple(x.to(model_device(vae)), f)
+    latents = run_with_fallback(vae, lambda v, t: v.encoder(t), x)[..., :h, :w].float()  # takes [-1, 1] itself
+    return latents, torch.full_like(latents, TINY_LOGVAR)
+
+
+def decode_tiny(vae, z, tile="off", overlap=None, size=None):
+    """`decode` for an AutoencoderTiny: latents (B, C, h, w) -> images (B, 3, h*f, w*f) in [-1, 1], float32."""
+    check_tiny_tiling(parse_tile(tile), overlap)
+    images = run_with_fallback(vae, lambda v, t: v.decoder(t), z.to(model_device(vae))).float()
+    return images[..., : size[0], : size[1]] if size is not None else images
+
+
 class BulkEncoder:
     """The VAE's encoder ready for bulk inference: device, dtype, memory format, optional compile."""
 
@@ -142,7 +182,9 @@ class BulkEncoder:
         self.device, self.dtype, self.tile, self.channels_last = device, compute_dtype, tile, channels_last
         if channels_last:
             self.vae.to(memory_format=torch.channels_last)
-        if compile:
+        if compile and is_tiny(self.vae):
+            self.vae.encoder.compile()  # in place; the codec calls the whole encoder
+        elif compile:
             # Block by block, in place (state-dict keys stay AutoencoderKL's): the codec calls the
             # encoder's parts directly, which would bypass a compiled Encoder.forward.
             encoder = self.vae.encoder

@@ -31,6 +31,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 
 from vaekit.errors import VaekitError
+from vaekit.model.architecture import is_tiny
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs run the aten path.
     import triton
@@ -366,14 +367,17 @@ def fuse_group_norms(vae):
 
 def optimize_vae(vae, channels_last=True, compile=False, sdpa=True, fused_groupnorm=False, fused_upsample=False,
                  fuse_qkv=False, cuda_graphs=False, compile_mode="default", dynamic=False, compile_backend="inductor"):
-    """Apply the chosen speed levers to an AutoencoderKL in place and return it (see the module docstring)."""
+    """Apply the chosen speed levers to an AutoencoderKL (or AutoencoderTiny) in place and return it (see the module
+    docstring)."""
+    if is_tiny(vae):  # TAESD has no attention, GroupNorm or upsampler convolution: channels-last and compile apply
+        sdpa = fuse_qkv = fused_upsample = fused_groupnorm = False
     config = FastConfig(channels_last=channels_last, sdpa=sdpa, fuse_qkv=fuse_qkv, fused_upsample=fused_upsample,
                         fused_groupnorm=fused_groupnorm, compile=compile or cuda_graphs, compile_mode=compile_mode,
                         compile_backend=compile_backend, cuda_graphs=cuda_graphs, dynamic=dynamic)
     applied = getattr(vae, "vaekit_levers", None)
     if applied is not None and applied.compile:
         raise VaekitError("This model was already compiled by optimize_vae; optimise a fresh copy instead.")
-    if attention_count(vae):
+    if not is_tiny(vae) and attention_count(vae):
         vae.set_attn_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
         if fuse_qkv:
             vae.fuse_qkv_projections()  # also sets FusedAttnProcessor2_0 (SDPA on a fused projection)

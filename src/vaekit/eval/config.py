@@ -43,10 +43,15 @@ class EvaluateConfig:
     override: list[str] = dataclasses.field(default_factory=list)  # key=value for every model's config
     weights: typing.Literal["ema", "raw"] = "ema"  # for training checkpoints
     diffusability: bool = True  # latent spectrum and equivariance error per model (vaekit.eval.diffusability)
+    # The label or model argument of a teacher (added to the models when it is none of them): every model with
+    # its latent grid gets latent-compatibility scores against it (vaekit.eval.compatibility).
+    teacher: str | None = None
 
     def __post_init__(self):
         if not self.vae:
             raise ValueError("name at least one model with --vae MODEL (or `identity`)")
+        if self.teacher == IDENTITY:
+            raise ValueError(f"--teacher names a model with latents; `{IDENTITY}` has none")
         if not self.data:
             raise ValueError("name the images with --data SRC")
         if not self.out:

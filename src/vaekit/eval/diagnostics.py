@@ -40,7 +40,7 @@ from vaekit.eval import report
 from vaekit.eval.config import unique_labels
 from vaekit.eval.diffusability import DiffusabilityStatistics, spectrum_figure
 from vaekit.io import write_json
-from vaekit.model.architecture import downsample_factor
+from vaekit.model.architecture import downsample_factor, is_tiny
 from vaekit.model.load import load_vae
 from vaekit.model.normalization import normalize_latents, scale_shift
 from vaekit.moments import RunningMoments
@@ -230,7 +230,12 @@ def inspect_latents(config, vae=None, progress=True):
         "suggested": suggested,
     })
     notes = collapse_warnings(result)
-    if abs(normalised_std - 1) > 0.25 or abs(normalised_mean) > 0.25:
+    if is_tiny(vae) and (abs(normalised_std - 1) > 0.25 or abs(normalised_mean) > 0.25):
+        notes.append(f"the latents have mean {normalised_mean:.3g} and std {normalised_std:.3g}, not about 0 and 1; an "
+                     "AutoencoderTiny's latents are its teacher's normalised latents, so normalise the teacher (the "
+                     "scaling_factor and shift_factor vaekit stats suggests, written with vaekit export -o) and "
+                     "distil the tiny model from it")
+    elif abs(normalised_std - 1) > 0.25 or abs(normalised_mean) > 0.25:
         notes.append(
             f"with the config's scaling_factor {scale:g} and shift_factor {shift:g} the latents have mean "
             f"{normalised_mean:.3g} and std {normalised_std:.3g}, not about 0 and 1; measured: "

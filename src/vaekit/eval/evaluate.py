@@ -12,7 +12,9 @@ The protocol (written into every report):
   per set: rFID between the Inception features of originals and reconstructions;
 - per model (`diffusability`, default on): the latents' power spectrum against the images', their
   high-frequency share, the equivariance error and a verdict (vaekit.eval.diffusability), from the
-  posterior means of the same images.
+  posterior means of the same images;
+- with a `teacher`: each model of its latent grid decodes the teacher's latents and encodes the
+  images into its latent space, scored against the teacher (vaekit.eval.compatibility).
 
 Outputs in `out`: metrics.json, per_image.csv, report.html, comparison.png and spectrum.png (vaekit.report).
 """
@@ -38,6 +40,7 @@ from vaekit.data.sources import open_source
 from vaekit.device import DTYPES, resolve_device, synchronize
 from vaekit.errors import VaekitError
 from vaekit.eval import metrics, report
+from vaekit.eval.compatibility import CompatibilityStatistics, TeacherView, same_latent_grid
 from vaekit.eval.config import IDENTITY, unique_labels
 from vaekit.eval.diffusability import DiffusabilityStatistics, spectrum_figure
 from vaekit.io import write_json, write_text
@@ -91,6 +94,8 @@ class Candidate:
     seconds: float = 0.0  # time spent reconstructing
     features: list = dataclasses.field(default_factory=list)  # Inception features of reconstructions
     diffusion: DiffusabilityStatistics | None = None  # spectra and equivariance PSNRs, when measured
+    compatibility: CompatibilityStatistics | None = None  # against the teacher, when one is named
+    is_teacher: bool = False  # the --teacher model the others' compatibility is measured against
 
 
 @dataclasses.dataclass
@@ -117,7 +122,33 @@ def load_candidates(config, device):
         candidates.append(Candidate(label, spec, vae, downsample_factor(vae), diffusion=diffusion))
     if len({c.label for c in candidates}) != len(candidates):
         raise VaekitError("Two models share a label; give each a distinct --label.")
+    if config.teacher is not None:
+        attach_teacher(config, candidates, overrides, device)
     return candidates
+
+
+def attach_teacher(config, candidates, overrides, device):
+    """Find (or load and add) the --teacher model and give every model of its latent grid compatibility statistics."""
+    teacher = next((c for c in candidates if config.teacher in (c.label, c.spec)), None)
+    if teacher is None:
+        vae = cast_vae(load_vae(config.teacher, overrides, weights=config.weights), device=device,
+                       dtype=DTYPES[config.dtype])
+        diffusion = DiffusabilityStatistics() if config.diffusability else None
+        teacher = Candidate(unique_labels([*(c.label for c in candidates), config.teacher])[-1], config.teacher, vae,
+                            downsample_factor(vae), diffusion=diffusion)
+        candidates.append(teacher)
+    if teacher.vae is None:
+        raise VaekitError(f"--teacher {config.teacher} is the identity, which has no latents.")
+    teacher.is_teacher = True
+    for candidate in candidates:
+        if candidate is not teacher and candidate.vae is not None and same_latent_grid(teacher.vae, candidate.vae):
+            candidate.compatibility = CompatibilityStatistics(teacher.label)
+    return teacher
+
+
+def teacher_of(candidates):
+    """The --teacher candidate, or None."""
+    return next((c for c in candidates if c.is_teacher), None)
 
 
 def stage(text, progress=True):
@@ -385,6 +416,12 @@ def describe_protocol(config, scorers, sizes):
         "flat_colour": f"{len(FLAT_COLOURS)} flat colours decoded at "
                        f"{config.resolution if config.resolution != 'full' else 256} px: spread of the decode "
                        "(std, levels) and the same artifact scores",
+        "latent_compatibility": (f"against the teacher {config.teacher}: its posterior means, normalised by its "
+                                 "config, handed to each model of its latent grid de-normalised by that model's config "
+                                 "(as a pipeline does) and decoded; PSNR (8-bit) against the teacher's decode and "
+                                 "against the image, LPIPS-VGG against the image; the model's own normalised posterior "
+                                 "means against the teacher's: RMS distance over the RMS of the teacher's")
+        if config.teacher else "off (no --teacher)",
     }
 
 
@@ -419,6 +456,7 @@ def evaluate(config, progress=True):
         "data": {"source": source.description, "considered": len(indices), "images": images,
                  "skipped": scored.skipped},
         "models": results,
+        "teacher": teacher.label if (teacher := teacher_of(candidates)) else None,
         "warnings": evaluation_warnings(scorers, images, scored, candidates),
     }
     stage("rendering the comparison and writing the report", progress)
@@ -466,6 +504,7 @@ def score_source(config, source, indices, candidates, scorers, device, progress=
                                          **{name: float(values[i]) for name, values in scores.items()}})
             bar.update(len(keys))
             bar.set_description(f"evaluate {candidate.label[:24]}")
+        measure_compatibility(candidates, x, scorers, config)
         bar.update((len(scored.skipped) - counted_skipped) * len(candidates))  # skipped images count as done
         counted_skipped = len(scored.skipped)
         if scored.skipped:
@@ -473,6 +512,19 @@ def score_source(config, source, indices, candidates, scorers, device, progress=
     bar.update(bar.total - bar.n)
     bar.close()
     return scored
+
+
+@torch.no_grad()
+def measure_compatibility(candidates, x, scorers, config):
+    """Score every model that has compatibility statistics against the teacher on one batch (untimed)."""
+    teacher = teacher_of(candidates)
+    if teacher is None or not any(c.compatibility is not None for c in candidates):
+        return
+    lpips = scorers.lpips.get("vgg")
+    view = TeacherView(teacher.vae, x, config.tile, lpips, config.psnr_cap)
+    for candidate in candidates:
+        if candidate.compatibility is not None:
+            candidate.compatibility.update(candidate.vae, view, config.tile, lpips, config.psnr_cap)
 
 
 def model_result(candidate, scored, scorers, probe_size, device):
@@ -493,6 +545,7 @@ def model_result(candidate, scored, scorers, probe_size, device):
         "seconds_per_image": candidate.seconds / max(len(rows), 1) if candidate.vae is not None else 0.0,
         "diffusability": candidate.diffusion.result() if candidate.diffusion is not None and candidate.vae is not None
         else None,
+        "latent_compatibility": candidate.compatibility.result() if candidate.compatibility is not None else None,
     }
     return entry, grey
 
@@ -515,6 +568,12 @@ def evaluation_warnings(scorers, images, scored, candidates):
         notes.append("Some images are under 176 px: MS-SSIM used fewer than 5 scales.")
     if any(min(s) < 8 * max(c.factor, 2) for s in scored.sizes for c in candidates):
         notes.append("Some images are too small for the checkerboard/grid scores (need 8 periods a side): NaN.")
+    teacher = teacher_of(candidates)
+    if teacher is not None:
+        others = [c.label for c in candidates if c is not teacher and c.vae is not None and c.compatibility is None]
+        if others:
+            notes.append(f"Latent compatibility with {teacher.label} not measured for {', '.join(others)}: other "
+                         "latent channels or downsampling.")
     return notes
 
 

@@ -461,6 +461,42 @@ def diffusability_html(models, spectrum):
     )
 
 
+def compatibility_html(summary):
+    """The teacher and every model measured against it: how well each decodes the teacher's latents and encodes
+    into its latent space, beside its size and speed (vaekit.eval.compatibility)."""
+    models = summary["models"]
+    teacher = next((m for m in models if m["label"] == summary.get("teacher")), None)
+    students = [m for m in models if m.get("latent_compatibility")]
+    if teacher is None or not students:
+        return ""
+    reference = students[0]["latent_compatibility"]
+    teacher_ms = teacher["seconds_per_image"] * 1000
+
+    def row(model, role, c):
+        ms = model["seconds_per_image"] * 1000
+        speed = f"{teacher_ms / ms:.1f}x" if ms > 0 and model is not teacher else "&ndash;"
+        return (f"<tr><td class=\"name\">{esc(model['label'])}</td><td>{role}</td>"
+                f"<td>{model['architecture']['parameters']['total']:,}</td><td>{number(ms, 0)}</td><td>{speed}</td>"
+                f"<td>{number(c.get('decode_psnr_vs_teacher'), 2)}</td>"
+                f"<td>{number(c.get('decode_psnr_vs_image'), 2)}</td><td>{number(c.get('decode_lpips_vs_image'), 4)}</td>"
+                f"<td>{number(c.get('latent_error'), 3)}</td></tr>")
+
+    rows = [row(teacher, "teacher", {"decode_psnr_vs_image": reference["teacher_psnr_vs_image"],
+                                     "decode_lpips_vs_image": reference["teacher_lpips_vs_image"]})]
+    rows += [row(m, "student", m["latent_compatibility"]) for m in students]
+    return (
+        "<h2>Latent compatibility</h2>"
+        f"<p>Each model below shares the latent grid of the teacher <b>{esc(teacher['label'])}</b>: it decodes the "
+        "teacher's latents as a pipeline would hand them over, and encodes the images into its latent space.</p>"
+        "<table id=\"compatibility\"><thead><tr><th class=\"name\">model</th><th>role</th><th>parameters</th>"
+        "<th>ms / image</th><th>speed vs teacher</th><th>teacher latents: PSNR vs teacher decode (dB) &uarr;</th>"
+        "<th>teacher latents: PSNR vs image (dB) &uarr;</th><th>teacher latents: LPIPS-VGG vs image &darr;</th>"
+        f"<th>own latents vs teacher's (relative RMS) &darr;</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        "<p><small>The teacher's row scores its own decode of its latents. ms / image: encode + decode in this run. "
+        "A relative RMS of 0 means the teacher's latents; unrelated latent spaces give about 1.4.</small></p>"
+    )
+
+
 def render_evaluation(summary, comparisons, greys, spectrum=None):
     """The self-contained report.html of `vaekit evaluate`; `spectrum`: the PIL plot of diffusability spectra."""
     protocol = "".join(f"<dt>{esc(k.replace('_', ' '))}</dt><dd>{esc(v)}</dd>" for k, v in summary["protocol"].items())
@@ -497,6 +533,7 @@ def render_evaluation(summary, comparisons, greys, spectrum=None):
 {summary_table(summary['models'])}
 <p><small>Means over images. Checkerboard and grid: about 0 dB means no periodic pattern in the error;
 shaded above {ARTIFACT_WARN_DB:g} dB. Per-image values: per_image.csv; everything: metrics.json.</small></p>
+{compatibility_html(summary)}
 <h2>Largest differences</h2>
 <p>The {len(comparisons)} images with the largest mean LPIPS (or lowest PSNR), cropped where the error is largest.</p>
 {comparison_html(comparisons)}

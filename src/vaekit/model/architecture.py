@@ -1,4 +1,8 @@
-"""Building, checking, copying, describing and fingerprinting diffusers' AutoencoderKL."""
+"""Building, checking, copying, describing and fingerprinting diffusers' AutoencoderKL.
+
+Copying, describing, fingerprinting and the geometry helpers also take an AutoencoderTiny (the TAESD
+architecture, whose own config checks and file layout live in vaekit.model.tiny).
+"""
 
 import hashlib
 import inspect
@@ -6,17 +10,22 @@ import json
 import math
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderTiny
 
 from vaekit.errors import VaekitError
 from vaekit.model.normalization import scale_shift
-from vaekit.model.presets import PRESETS
+from vaekit.model.presets import PRESETS, TINY_PRESETS
 
 
-def config_keys():
-    """Names that AutoencoderKL's config accepts."""
-    params = inspect.signature(AutoencoderKL.__init__).parameters
+def config_keys(cls=AutoencoderKL):
+    """Names that the config of `cls` (AutoencoderKL by default) accepts."""
+    params = inspect.signature(cls.__init__).parameters
     return [name for name in params if name != "self"]
+
+
+def is_tiny(vae):
+    """Whether `vae` is an AutoencoderTiny (TAESD): deterministic encoder, no GroupNorm, its own layout."""
+    return isinstance(vae, AutoencoderTiny)
 
 
 # Sane ranges of AutoencoderKL's integer fields. A model file's config is untrusted input: checked
@@ -152,29 +161,35 @@ def build_preset(name, overrides=None, seed=None):
     Without `seed` the weights come from torch's global RNG (a trainer seeds it); with one, every
     process and every run builds the same model without touching the global RNG.
     """
+    if name in TINY_PRESETS:
+        raise VaekitError(f"preset:{name} is an AutoencoderTiny; build it with vaekit.model.load_vae('preset:{name}').")
     if name not in PRESETS:
-        raise VaekitError(f"Unknown preset '{name}'. Choose one of: {', '.join(PRESETS)}.")
-    config = make_config(PRESETS[name], overrides)
+        raise VaekitError(f"Unknown preset '{name}'. Choose one of: {', '.join([*PRESETS, *TINY_PRESETS])}.")
+    return construct(AutoencoderKL, make_config(PRESETS[name], overrides), seed)
+
+
+def construct(cls, config, seed=None):
+    """A randomly initialised `cls(**config)`: from torch's global RNG, or with `seed` without touching it."""
     if seed is None:
-        return AutoencoderKL(**config)
+        return cls(**config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoencoderKL(**config)
+        return cls(**config)
 
 
 def vae_config(vae):
-    """The model's config as a plain dict of AutoencoderKL arguments (JSON-safe)."""
-    keys = config_keys()
+    """The model's config as a plain dict of its class's arguments (JSON-safe)."""
+    keys = config_keys(type(vae))
     config = {k: v for k, v in dict(vae.config).items() if k in keys}
     return json.loads(json.dumps(config))
 
 
 def copy_vae(vae, config=None):
-    """A separate AutoencoderKL with `vae`'s weights and its config updated by `config` (e.g. a new normalisation).
+    """A separate model of `vae`'s class with its weights and its config updated by `config` (e.g. a new normalisation).
 
     On the device of `vae`, in float32, eval mode, no gradients: for validation, export and re-saving.
     """
-    copy = AutoencoderKL(**{**vae_config(vae), **(config or {})})
+    copy = type(vae)(**{**vae_config(vae), **(config or {})})
     copy.load_state_dict(vae.state_dict())
     return cast_vae(copy, device=model_device(vae), dtype=torch.float32).eval().requires_grad_(False)
 
@@ -201,15 +216,16 @@ def check_state_dict(expected, state_dict, source):
         )
 
 
-def vae_from_state_dict(config, state_dict, source):
-    """An AutoencoderKL (fp32, eval mode) of `config` holding `state_dict`, checked before any weight is allocated.
+def vae_from_state_dict(config, state_dict, source, cls=AutoencoderKL):
+    """A model of `cls` (AutoencoderKL by default; fp32, eval mode) of `config` holding `state_dict`, checked before any
+    weight is allocated.
 
     The model is built on the meta device (no memory), its shapes compared with the file's tensors,
     and the tensors then become its parameters (`assign=True`): loading allocates no more than the
     file's tensors need, whatever architecture the file claims.
     """
     with torch.device("meta"):
-        vae = AutoencoderKL(**config)
+        vae = cls(**config)
     check_state_dict(vae.state_dict(), state_dict, source)
     tensors = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state_dict.items()}
     vae.load_state_dict(tensors, strict=True, assign=True)
@@ -238,6 +254,8 @@ def model_device(vae):
 
 def downsample_factor(vae):
     """Pixels per latent along each side (8 for Stable Diffusion's VAE)."""
+    if is_tiny(vae):  # every encoder level after the first has a stride-2 convolution
+        return 2 ** (len(vae.config.encoder_block_out_channels) - 1)
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
@@ -260,11 +278,18 @@ def fingerprint(vae):
     return digest.hexdigest()
 
 
+def count_parameters(module):
+    """Number of parameters of a module (0 for None)."""
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
 def describe(vae):
     """Architecture, parameter counts and latent normalisation as a JSON-safe dict."""
+    if is_tiny(vae):
+        return describe_tiny(vae)
     scale, shift = scale_shift(vae)
     config = vae_config(vae)
-    count = lambda module: sum(p.numel() for p in module.parameters()) if module is not None else 0  # noqa: E731
+    count = count_parameters
     return {
         "class": "AutoencoderKL",
         "downsample_factor": downsample_factor(vae),
@@ -286,4 +311,28 @@ def describe(vae):
             "decoder": count(vae.decoder) + count(getattr(vae, "post_quant_conv", None)),
             "total": count(vae),
         },
+    }
+
+
+def describe_tiny(vae):
+    """`describe` of an AutoencoderTiny: its levels, blocks and latent range besides the common fields."""
+    scale, shift = scale_shift(vae)
+    config = vae_config(vae)
+    return {
+        "class": "AutoencoderTiny",
+        "downsample_factor": downsample_factor(vae),
+        "latent_channels": latent_channels(vae),
+        "in_channels": config["in_channels"],
+        "out_channels": config["out_channels"],
+        "encoder_block_out_channels": list(config["encoder_block_out_channels"]),
+        "decoder_block_out_channels": list(config["decoder_block_out_channels"]),
+        "num_encoder_blocks": list(config["num_encoder_blocks"]),
+        "num_decoder_blocks": list(config["num_decoder_blocks"]),
+        "act_fn": config["act_fn"],
+        "scaling_factor": scale,
+        "shift_factor": shift,
+        "latent_magnitude": config["latent_magnitude"],
+        "latent_shift": config["latent_shift"],
+        "parameters": {"encoder": count_parameters(vae.encoder), "decoder": count_parameters(vae.decoder),
+                       "total": count_parameters(vae)},
     }

@@ -1,11 +1,15 @@
-"""`load_vae(spec)`: an AutoencoderKL from any model argument, and writing diffusers folders.
+"""`load_vae(spec)`: an AutoencoderKL (or AutoencoderTiny) from any model argument, and writing diffusers folders.
 
 A model argument is one of:
-  preset:NAME               a randomly initialised model of a named architecture (vaekit.model.presets)
-  DIR                       a diffusers folder (config.json + diffusion_pytorch_model.safetensors),
-                            a pipeline folder with a vae/ subfolder, or a vaekit training checkpoint
+  preset:NAME               a randomly initialised model of a named architecture (vaekit.model.presets;
+                            preset:taesd is an AutoencoderTiny)
+  DIR                       a diffusers folder (config.json + diffusion_pytorch_model.safetensors) of an
+                            AutoencoderKL or AutoencoderTiny, a pipeline folder with a vae/ subfolder, a
+                            vaekit training checkpoint, or a folder holding one TAESD pair
+                            (NAME_encoder / NAME_decoder .safetensors or .pth, vaekit.model.tiny)
   FILE                      a single-file checkpoint in the original latent-diffusion layout
-                            (.safetensors, or .ckpt/.pt/.pth read with weights_only=True)
+                            (.safetensors, or .ckpt/.pt/.pth read with weights_only=True), or one file
+                            of a TAESD pair (the other must lie beside it)
   OWNER/NAME                a Hugging Face hub id (needs network, or the local hub cache)
 """
 
@@ -16,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderTiny
 from huggingface_hub import constants
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -24,10 +28,12 @@ from safetensors.torch import load_file
 from vaekit.config import flat_overrides
 from vaekit.errors import VaekitError
 from vaekit.io import atomic_folder
-from vaekit.model.architecture import (build_preset, cast_vae, config_keys, copy_vae, make_config, vae_config,
+from vaekit.model.architecture import (build_preset, cast_vae, config_keys, copy_vae, is_tiny, make_config, vae_config,
                                        vae_from_state_dict)
-from vaekit.model.presets import PRESETS
+from vaekit.model.presets import PRESETS, TINY_PRESETS
 from vaekit.model.single_file import load_single_file, save_single_file
+from vaekit.model.tiny import (build_tiny_preset, find_taesd_pair, load_taesd, make_tiny_config, save_taesd,
+                              tiny_from_state_dict)
 from vaekit.train.checkpoint import is_training_checkpoint, load_checkpoint_vae
 
 
@@ -39,11 +45,14 @@ def _read_json(path):
 
 
 def load_diffusers_folder(folder, overrides=None):
-    """Load a diffusers AutoencoderKL folder with strict key and shape checks."""
+    """Load a diffusers AutoencoderKL or AutoencoderTiny folder with strict key and shape checks."""
     folder = Path(folder)
     config = _read_json(folder / "config.json")
-    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise VaekitError(f"{folder} holds a {config['_class_name']}, not an AutoencoderKL.")
+    if not isinstance(config, dict):
+        raise VaekitError(f"{folder / 'config.json'} is not a diffusers config (a JSON mapping).")
+    kind = config.get("_class_name", "AutoencoderKL")
+    if kind not in VAE_CLASSES:
+        raise VaekitError(f"{folder} holds a {kind}, not an AutoencoderKL or AutoencoderTiny.")
     weights = folder / "diffusion_pytorch_model.safetensors"
     if not weights.is_file():
         bins = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
@@ -52,12 +61,25 @@ def load_diffusers_folder(folder, overrides=None):
         raise VaekitError(
             f"{folder} has a config.json but no diffusion_pytorch_model.safetensors. Export the weights as safetensors."
         )
-    config = make_config({k: v for k, v in config.items() if k in config_keys()}, overrides, source=folder / "config.json")
+    config = make_vae_config(kind, config, overrides, folder / "config.json")
     try:
         state_dict = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise VaekitError(f"{weights} is not a readable safetensors file ({e}).") from None
+    if kind == "AutoencoderTiny":
+        return tiny_from_state_dict(config, state_dict, str(weights))
     return vae_from_state_dict(config, state_dict, str(weights))
+
+
+VAE_CLASSES = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
+
+
+def make_vae_config(kind, config, overrides, source):
+    """The checked config of a `kind` (class name) model from a config.json's fields plus overrides."""
+    if kind == "AutoencoderTiny":
+        return make_tiny_config({k: v for k, v in config.items() if k in config_keys(AutoencoderTiny)}, overrides,
+                                source=source)
+    return make_config({k: v for k, v in config.items() if k in config_keys()}, overrides, source=source)
 
 
 # owner/name as the hub spells repository ids; anything else that does not exist is a missing path.
@@ -93,11 +115,15 @@ def load_from_hub(repo_id, overrides=None):
             try:
                 # The repository's config is checked before diffusers builds anything from it.
                 config = AutoencoderKL.load_config(repo_id, subfolder=subfolder, local_files_only=local_only)
-                make_config({k: v for k, v in config.items() if k in config_keys()}, source=f"{repo_id} config.json")
-                vae = AutoencoderKL.from_pretrained(repo_id, subfolder=subfolder, local_files_only=local_only)
+                kind = config.get("_class_name", "AutoencoderKL")
+                if kind not in VAE_CLASSES:
+                    raise VaekitError(f"'{repo_id}' holds a {kind}, not an AutoencoderKL or AutoencoderTiny.")
+                make_vae_config(kind, config, None, f"{repo_id} config.json")
+                vae = VAE_CLASSES[kind].from_pretrained(repo_id, subfolder=subfolder, local_files_only=local_only)
                 if overrides:
-                    vae = vae_from_state_dict(make_config(vae_config(vae), overrides, source=repo_id), vae.state_dict(),
-                                              repo_id)
+                    config = make_vae_config(kind, vae_config(vae), overrides, repo_id)
+                    build = tiny_from_state_dict if kind == "AutoencoderTiny" else vae_from_state_dict
+                    vae = build(config, vae.state_dict(), repo_id)
                 return vae
             except (OSError, ValueError, EnvironmentError) as e:  # hub and file errors all mean "not here"
                 last = e
@@ -112,7 +138,7 @@ def load_from_hub(repo_id, overrides=None):
 
 
 def load_vae(spec, overrides=None, device=None, dtype=None, weights="ema", seed=None):
-    """Build or load an AutoencoderKL from a model argument (see the module docstring); eval mode.
+    """Build or load an AutoencoderKL or AutoencoderTiny from a model argument (see the module docstring); eval mode.
 
     `overrides`: AutoencoderKL config fields, a dict or `key=value` strings. `weights`: for a training
     checkpoint, its EMA or raw weights. `seed`: fixes a preset's random weights (see build_preset).
@@ -120,7 +146,11 @@ def load_vae(spec, overrides=None, device=None, dtype=None, weights="ema", seed=
     spec = str(spec)
     overrides = flat_overrides(overrides) or None
     if spec.startswith("preset:"):
-        vae = build_preset(spec.split(":", 1)[1], overrides, seed=seed)
+        name = spec.split(":", 1)[1]
+        if name in TINY_PRESETS:
+            vae = build_tiny_preset(name, overrides, seed=seed)
+        else:
+            vae = build_preset(name, overrides, seed=seed)
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
@@ -130,13 +160,16 @@ def load_vae(spec, overrides=None, device=None, dtype=None, weights="ema", seed=
                 vae = load_diffusers_folder(path / "vae", overrides)
             elif is_training_checkpoint(path):
                 vae = load_checkpoint_vae(path, weights=weights, overrides=overrides)
+            elif (pair := find_taesd_pair(path)) is not None:
+                vae = load_taesd(*pair, overrides=overrides)
             else:
                 raise VaekitError(
-                    f"{path} is a folder but not a diffusers VAE (no config.json), a pipeline (no vae/config.json) "
-                    f"or a vaekit training checkpoint (no meta.json)."
+                    f"{path} is a folder but not a diffusers VAE (no config.json), a pipeline (no vae/config.json), "
+                    f"a vaekit training checkpoint (no meta.json) or a TAESD pair (NAME_encoder / NAME_decoder files)."
                 )
         elif path.is_file():
-            vae = load_single_file(path, overrides=overrides)
+            pair = find_taesd_pair(path)
+            vae = load_taesd(*pair, overrides=overrides) if pair else load_single_file(path, overrides=overrides)
         elif not is_hub_id(spec):
             hint = " Presets are named preset:NAME." if spec in PRESETS else ""
             raise VaekitError(f"Model not found: {spec}. Pass an existing file or folder, preset:NAME or a hub id.{hint}")
@@ -162,13 +195,22 @@ def save_diffusers(vae, out_dir, dtype=None):
     return Path(out_dir)
 
 
-def write_model(vae, out, fmt, dtype=None):
-    """Write `vae` as a diffusers folder or one original-layout .safetensors; returns the path."""
+def write_model(vae, out, fmt, dtype=None, taesd_name="taesd"):
+    """Write `vae` as a diffusers folder, an original-layout .safetensors or a TAESD pair's folder; returns the path."""
     out = Path(out)
+    if fmt in ("diffusers", "taesd") and out.suffix == ".safetensors":
+        raise VaekitError(f"--out {out} names a file; the {fmt} format is a folder. Pass a folder path.")
     if fmt == "diffusers":
-        if out.suffix == ".safetensors":
-            raise VaekitError(f"--out {out} names a file; the diffusers format is a folder. Pass a folder path.")
         return save_diffusers(vae, out, dtype=dtype)
+    if fmt == "taesd":
+        if not is_tiny(vae):
+            raise VaekitError("The TAESD layout holds an AutoencoderTiny; this is an AutoencoderKL. Export it as "
+                              "diffusers or single-file.")
+        save_taesd(vae, out, taesd_name, dtype=dtype)
+        return out
+    if is_tiny(vae):
+        raise VaekitError("The original latent-diffusion single-file layout has no AutoencoderTiny; export it as "
+                          "diffusers, or as TAESD's own two files (--format taesd, what ComfyUI's vae_approx reads).")
     path = out if out.suffix == ".safetensors" else out / "vae.safetensors"
     return save_single_file(vae, path, dtype=dtype)
 

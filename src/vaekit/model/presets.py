@@ -36,3 +36,17 @@ PRESETS = {
         "sample_size": 64, "scaling_factor": 1.0, "shift_factor": 0.0,
     },
 }
+
+# diffusers' AutoencoderTiny with the TAESD architecture (madebyollin/taesd): 64 channels at every level,
+# (1, 3, 3, 3) blocks down and (3, 3, 3, 1) up, 8x downsampling, about 2.4M parameters. Its encoder
+# maps images straight to a teacher's *normalised* latents, hence scaling_factor 1.0 and shift 0.0
+# (diffusers' convention for every TAESD); latent_magnitude 3 matches the decoder's tanh(z / 3) * 3
+# input clamp. A distillation student takes its latent channels from the teacher (vaekit.train.distill).
+TINY_PRESETS = {
+    "taesd": {
+        "in_channels": 3, "out_channels": 3, "latent_channels": 4, "act_fn": "relu", "upsample_fn": "nearest",
+        "encoder_block_out_channels": [64, 64, 64, 64], "decoder_block_out_channels": [64, 64, 64, 64],
+        "num_encoder_blocks": [1, 3, 3, 3], "num_decoder_blocks": [3, 3, 3, 1], "upsampling_scaling_factor": 2,
+        "latent_magnitude": 3, "latent_shift": 0.5, "scaling_factor": 1.0, "shift_factor": 0.0, "force_upcast": False,
+    },
+}

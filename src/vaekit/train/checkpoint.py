@@ -1,7 +1,7 @@
 """Training checkpoints: one folder per step, written and read by the functions of this module only.
 
     checkpoint-NNNNNN/
-      meta.json            format, step, resolved config, VAE config, data position, loop counters,
+      meta.json            format, step, resolved config, VAE class and config, data position, loop counters,
                            scheduler / EMA / grad-scaler state (plain JSON: never a pickled object)
       vae.safetensors      the raw VAE weights
       ema.safetensors      the EMA weights (when EMA is on): what exports use
@@ -11,8 +11,10 @@
       rng.pt               Python, numpy and torch RNG states, read with weights_only=True
 
 A checkpoint is written into a temporary folder and renamed into place whole, so a folder named
-checkpoint-NNNNNN is always complete. `load_checkpoint_vae` turns one into an AutoencoderKL without
-the trainer, which is how model arguments load checkpoints.
+checkpoint-NNNNNN is always complete. `load_checkpoint_vae` turns one into an AutoencoderKL (or the
+AutoencoderTiny of a distillation run) without the trainer, which is how model arguments load
+checkpoints. A distillation run's teacher is never part of a checkpoint: it is loaded again from
+`distill.teacher`, and its fingerprint in meta.json says whether it is the same one.
 """
 
 import json
@@ -29,6 +31,7 @@ from safetensors.torch import load_file
 from vaekit.errors import VaekitError
 from vaekit.io import atomic_folder, atomic_path, save_safetensors, write_json
 from vaekit.model.architecture import make_config, vae_from_state_dict
+from vaekit.model.tiny import make_tiny_config, tiny_from_state_dict
 
 CHECKPOINT_FORMAT = "vaekit-train-checkpoint"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -155,12 +158,15 @@ def read_meta(path):
 
 
 def checkpoint_vae(meta, state_dict, source, overrides=None):
-    """An AutoencoderKL (eval mode) of the architecture in a checkpoint's meta, holding `state_dict`."""
+    """The model (eval mode) of the class and architecture in a checkpoint's meta, holding `state_dict`."""
+    if meta.get("vae_class", "AutoencoderKL") == "AutoencoderTiny":
+        return tiny_from_state_dict(make_tiny_config(meta["vae_config"], overrides, source=source), state_dict,
+                                    str(source))
     return vae_from_state_dict(make_config(meta["vae_config"], overrides, source=source), state_dict, str(source))
 
 
 def load_checkpoint_vae(path, weights="ema", overrides=None):
-    """An AutoencoderKL (eval mode) from a training checkpoint folder: EMA weights when it has them, or raw."""
+    """The trained model (eval mode) of a training checkpoint folder: EMA weights when it has them, or raw."""
     path = Path(path)
     meta = read_meta(path)
     if weights not in ("ema", "raw"):

@@ -27,6 +27,28 @@ class ModelConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation (vaekit.train.distill): model.source becomes a student that keeps a frozen teacher's latent space.
+
+    The student is an AutoencoderKL (a preset plus overrides, e.g. half the widths) or an AutoencoderTiny
+    (preset:taesd); it takes the teacher's latent channels, and a KL student also its normalisation.
+    """
+
+    teacher: Optional[str] = None  # model argument of the teacher; set, the run distils into model.source
+    teacher_weights: Literal["ema", "raw"] = "ema"  # for a teacher that is a training checkpoint
+    teacher_dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 in a bf16 run, else fp32; never fp16
+    # Encoder: squared 2-Wasserstein distance between the student's and the teacher's posteriors in the
+    # normalised latent space (mean and standard deviation errors; a tiny student's encoder is deterministic).
+    latent_weight: float = 1.0
+    # Decoder: besides reconstruction + LPIPS (+ GAN) against the image, loss.reconstruction against the
+    # teacher's own decode of the same latents, with this weight (0: off).
+    teacher_decode_weight: float = 0.0
+    # A `vaekit encode` cache of the teacher over data.path: the teacher's latents come from it, so its
+    # encoder never runs. Its card must carry the teacher's fingerprint.
+    cache: Optional[str] = None
+
+
+@dataclass
 class LossConfig:
     """Loss terms; see vaekit.train.losses for the reduction convention."""
 
@@ -159,6 +181,7 @@ class TrainConfig:
 
     out_dir: str = "runs/vae"
     model: ModelConfig = field(default_factory=ModelConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     disc: DiscConfig = field(default_factory=DiscConfig)
@@ -209,6 +232,8 @@ RULES = {
     "ema.update_after_step": (lambda v: v >= 0, "0 or more"),
     "ema.inv_gamma": (lambda v: v > 0, "above 0"),
     "ema.power": (lambda v: v > 0, "above 0"),
+    "distill.latent_weight": (lambda v: v > 0, "above 0 (the student's encoder learns from nothing else)"),
+    "distill.teacher_decode_weight": (lambda v: v >= 0, "0 (off) or more"),
 }
 
 
@@ -235,6 +260,7 @@ def check_config(config):
         if not test(value):
             raise VaekitError(f"{key} must be {what}, got {value}.")
     check_regularizers(config)
+    check_distillation(config)
 
 
 def check_regularizers(config):
@@ -259,3 +285,20 @@ def check_regularizers(config):
                               "encoder; use model.mode=scratch (which also fine-tunes an existing model).")
         if loss.align_max_adaptive_weight <= 0:
             raise VaekitError("loss.align_max_adaptive_weight must be positive.")
+
+
+def check_distillation(config):
+    """The distillation keys (vaekit.train.distill), and what a distillation run cannot combine with."""
+    distill = config.distill
+    if not distill.teacher:
+        if distill.cache:
+            raise VaekitError("distill.cache holds a teacher's latents; set distill.teacher=MODEL to distil from it.")
+        return
+    if config.model.mode != "scratch":
+        raise VaekitError("A distillation run trains the student's encoder and decoder: use model.mode=scratch "
+                          "(the student may still start from trained weights, model.source=FOLDER).")
+    regularizers = [key for key in ("equivariance_prob", "scale_equivariance_weight", "align_weight")
+                    if getattr(config.loss, key) > 0]
+    if regularizers:
+        raise VaekitError(f"loss.{regularizers[0]} shapes the latent space, but a student keeps its teacher's; "
+                          f"set it to 0 for distillation.")

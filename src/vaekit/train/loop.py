@@ -13,6 +13,8 @@ run trains with lives in `Parts`, what changes from step to step in `RunState`; 
 - Before the first collective every process checks what it needs (`check_ready`) and all agree,
   so a process that cannot start stops every process with one message instead of a hang.
 - Streamed shards (`vaekit.data.streaming`) resume from each worker stream's recorded position.
+- With `distill.teacher` the run is a distillation (`vaekit.train.distill`): a frozen teacher gives
+  each micro-batch its targets, the student keeps its latent space; the hooks are marked "distillation".
 """
 
 import contextlib
@@ -33,18 +35,19 @@ from accelerate.utils import (DistributedDataParallelKwargs, InitProcessGroupKwa
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
+from vaekit.cache.pairs import CachedPairs, collate_pairs
 from vaekit.config import save_config, to_dict
 from vaekit.data.streaming import StreamingImages, check_stream, stream_workers
 from vaekit.data.training import build_train_val, collate_images, collate_stream
 from vaekit.device import launched_processes, needs_cpu_collectives
 from vaekit.errors import VaekitError
 from vaekit.io import ensure_folder, remove_temporaries, write_json, write_text
-from vaekit.model.architecture import cast_vae, copy_vae, vae_config
+from vaekit.model.architecture import cast_vae, copy_vae, is_tiny, vae_config
 from vaekit.model.load import load_vae, save_diffusers
 from vaekit.seeds import torch_generator
 from vaekit.signals import ignore_stop_signals, stop_on_signals
 from vaekit.train import checkpoint as ckpt
-from vaekit.train import losses
+from vaekit.train import distill, losses
 from vaekit.train.config import check_config
 from vaekit.train.discriminator import DiscriminatorConfig, PatchDiscriminator
 from vaekit.train.preflight import agree_ready, refuse_sharding, run_check
@@ -73,10 +76,13 @@ class Parts:
     ema: EMAModel | None = None
     perceptual: losses.PerceptualLoss | None = None
     regularizer: object = None  # vaekit.train.regularizers.Regularizer, when a diffusability regulariser is on
+    distiller: object = None  # vaekit.train.distill.Distiller (the frozen teacher), in a distillation run
 
     @property
     def last_layer(self):
         """Where the adaptive adversarial weight compares gradients: the decoder's output convolution."""
+        if is_tiny(self.vae):
+            return self.vae.decoder.layers[-1].weight
         return self.vae.decoder.conv_out.weight
 
     def export_state(self):
@@ -115,6 +121,7 @@ class Ready:
     val_ds: object
     perceptual: object  # the LPIPS training loss, or None
     metric_lpips: object  # the LPIPS network of validation metrics, or None
+    teacher: tuple | None = None  # distillation: (frozen teacher on the device, its fingerprint)
 
 
 def train(config, resume=None):
@@ -127,7 +134,7 @@ def train(config, resume=None):
     checkpoint, train_ds, val_ds = ready.checkpoint, ready.train_ds, ready.val_ds
     if accelerator.is_main_process:
         save_config(cfg, Path(cfg.out_dir) / "config.yaml")
-    parts = build_parts(cfg, accelerator, ready.vae, ready.perceptual)
+    parts = build_parts(cfg, accelerator, ready.vae, ready.perceptual, ready.teacher)
     state = RunState()
     if checkpoint is not None:
         restore(cfg, parts, state, checkpoint, data_size(train_ds))
@@ -229,7 +236,12 @@ def check_ready(cfg, accelerator, resume):
         check("run folder", lambda: ensure_folder(Path(cfg.out_dir) / "sample_keys"))
     path = check("resume", lambda: find_checkpoint(resume, cfg.out_dir))
     checkpoint = check("checkpoint", lambda: ckpt.load_checkpoint(path)) if path is not None else None
-    vae = check("model", lambda: build_vae(cfg, checkpoint))
+    teacher = None
+    if cfg.distill.teacher:  # distillation: the teacher, checked against the cache card and the checkpoint
+        teacher = check("teacher", lambda: distill.open_teacher(cfg, accelerator.device, checkpoint))
+    vae = None
+    if teacher is not None or not cfg.distill.teacher:
+        vae = check("model", lambda: build_vae(cfg, checkpoint, teacher[0] if teacher else None))
     # Building LPIPS draws from the global RNG; forked, it leaves the stream the discriminator and the
     # alignment projection are drawn from where the VAE left it, as before these checks existed.
     with torch.random.fork_rng(devices=[]):
@@ -252,7 +264,7 @@ def check_ready(cfg, accelerator, resume):
     if metric is not None and not all(f["metric"] for f in everyone):
         log.warning("Validation LPIPS is unavailable on some processes: reporting PSNR and SSIM only.")
         metric = None
-    return Ready(checkpoint, vae, data[0], data[1], perceptual, metric)
+    return Ready(checkpoint, vae, data[0], data[1], perceptual, metric, teacher)
 
 
 def prepare_run_folder(out_dir):
@@ -270,6 +282,12 @@ def open_training_data(cfg, accelerator):
         check_stream(train_ds, accelerator.process_index, accelerator.num_processes)
     elif len(train_ds) == 0:
         raise VaekitError(f"No training images found in {cfg.data.path}.")
+    if cfg.distill.cache:  # distillation from cached teacher latents: the images paired with them
+        if isinstance(train_ds, StreamingImages):
+            raise VaekitError("distill.cache pairs indexed images with their cached latents; read the shards indexed "
+                              "(data.streaming=off) or drop distill.cache.")
+        train_ds = CachedPairs(cfg.distill.cache, train_ds.source, cfg.data.size, cfg.data.flip, cfg.data.seed,
+                               cfg.data.max_pixels)
     return train_ds, val_ds
 
 
@@ -294,20 +312,30 @@ def find_checkpoint(resume, out_dir):
     return checkpoint
 
 
-def build_vae(cfg, checkpoint=None):
+def build_vae(cfg, checkpoint=None, teacher=None):
     """The VAE to train: from the checkpoint (its architecture and weights) when resuming, else from model.source.
 
     Seeded first, with the same seed on every process: a preset's initial weights are identical
-    everywhere (and DDP's first broadcast changes nothing).
+    everywhere (and DDP's first broadcast changes nothing). A distillation student takes the
+    teacher's latent channels and normalisation (vaekit.train.distill), built again when they change.
     """
     set_seed(cfg.train.seed)
     if checkpoint is not None:
-        return ckpt.checkpoint_vae(checkpoint.meta, checkpoint.weights["vae"], checkpoint.path)
-    return load_vae(cfg.model.source, overrides=cfg.model.overrides)
+        vae = ckpt.checkpoint_vae(checkpoint.meta, checkpoint.weights["vae"], checkpoint.path)
+    else:
+        vae = load_vae(cfg.model.source, overrides=cfg.model.overrides)
+        if teacher is not None:  # distillation: the student in the teacher's latent space
+            changes = distill.student_overrides(vae, teacher, cfg.model.overrides, cfg.model.source)
+            if changes:
+                set_seed(cfg.train.seed)
+                vae = load_vae(cfg.model.source, overrides={**cfg.model.overrides, **changes})
+    distill.check_student(vae, cfg)
+    return vae
 
 
-def build_parts(cfg, accelerator, vae, perceptual=None):
-    """The fp32 VAE prepared with its discriminator, EMA and optimizers; the VAE and LPIPS loss from `check_ready`."""
+def build_parts(cfg, accelerator, vae, perceptual=None, teacher=None):
+    """The fp32 VAE prepared with its discriminator, EMA and optimizers; the VAE, LPIPS loss and teacher from
+    `check_ready`."""
     device = accelerator.device
     cast_vae(vae, device=device, dtype=torch.float32)  # fp32 master weights, whatever the stored dtype
     if cfg.model.gradient_checkpointing:
@@ -316,9 +344,12 @@ def build_parts(cfg, accelerator, vae, perceptual=None):
         vae.encoder.compile()  # in place: state-dict keys stay those of AutoencoderKL
         vae.decoder.compile()
     regularizer = build_regularizer(cfg, vae, device)
-    model = AutoencoderForTraining(vae, freeze_encoder=cfg.model.mode == "decoder",
-                                   sample_posterior=cfg.model.sample_posterior,
-                                   projection=regularizer.projection if regularizer is not None else None)
+    if teacher is not None:  # distillation: the student encodes the images and decodes the teacher's latents
+        model = distill.StudentForTraining(vae)
+    else:
+        model = AutoencoderForTraining(vae, freeze_encoder=cfg.model.mode == "decoder",
+                                       sample_posterior=cfg.model.sample_posterior,
+                                       projection=regularizer.projection if regularizer is not None else None)
     disc = None
     if cfg.disc.weight > 0:
         disc = PatchDiscriminator(DiscriminatorConfig(n_layers=cfg.disc.n_layers, base_channels=cfg.disc.base_channels,
@@ -337,7 +368,8 @@ def build_parts(cfg, accelerator, vae, perceptual=None):
     sched_g = get_scheduler(cfg.optim.scheduler, opt_g, num_warmup_steps=cfg.optim.warmup_steps,
                             num_training_steps=cfg.train.steps)
     parts = Parts(accelerator, vae, model, trainable, opt_g, sched_g, ema=ema, perceptual=perceptual,
-                  regularizer=regularizer)
+                  regularizer=regularizer,
+                  distiller=distill.make_distiller(cfg, *teacher, vae) if teacher is not None else None)
     if disc is not None:
         opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc.lr, betas=tuple(cfg.disc.betas),
                                   weight_decay=cfg.disc.weight_decay)
@@ -378,7 +410,8 @@ def make_batches(cfg, accelerator, train_ds, state):
     sampler = StepBatchSampler(len(train_ds), cfg.train.batch_size, cfg.train.grad_accum, accelerator.num_processes,
                                accelerator.process_index, cfg.train.seed, state.epoch, state.batch_in_epoch)
     state.steps_per_epoch = sampler.steps_per_epoch
-    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate_images,
+    collate = collate_pairs if isinstance(train_ds, CachedPairs) else collate_images  # distillation from a cache
+    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=cfg.data.num_workers,
                                          pin_memory=accelerator.device.type == "cuda",
                                          worker_init_fn=ignore_stop_signals)
@@ -446,9 +479,13 @@ def start_tracking(cfg, accelerator, train_ds, validator):
         training = f"training images streamed from {len(train_ds.urls)} shards"
     else:
         training = f"{len(train_ds)} training images"
-    log.info("Training %s (%s mode) for %d steps: %d images per step = %d per process x %d processes x %d "
+    what = f"{cfg.model.source} ({cfg.model.mode} mode)"
+    if cfg.distill.teacher:  # distillation
+        what = (f"{cfg.model.source} as a student of {cfg.distill.teacher}"
+                + (f" from its cached latents in {cfg.distill.cache}" if cfg.distill.cache else ""))
+    log.info("Training %s for %d steps: %d images per step = %d per process x %d processes x %d "
              "accumulation; %s and %d held-out images; run folder %s",
-             cfg.model.source, cfg.model.mode, cfg.train.steps, global_batch(cfg, accelerator.num_processes),
+             what, cfg.train.steps, global_batch(cfg, accelerator.num_processes),
              cfg.train.batch_size, accelerator.num_processes, cfg.train.grad_accum, training,
              0 if validator is None else len(validator.images), cfg.out_dir)
 
@@ -467,7 +504,9 @@ def train_step(cfg, parts, state, batches, key_log=None):
     kept, images, logs, finite = vae_update(cfg, parts, state, batches, kl_weight, disc_active, key_log)
     if disc_active:
         finite = disc_update(cfg, parts, state, kept, logs) and finite
-    logs.update(grad_norm=logs.pop("grad_norm"), lr=parts.sched_g.get_last_lr()[0], kl_weight=kl_weight)
+    logs.update(grad_norm=logs.pop("grad_norm"), lr=parts.sched_g.get_last_lr()[0])
+    if parts.distiller is None:  # a distillation has no KL term
+        logs["kl_weight"] = kl_weight
     state.images_seen += images
     state.step += 1
     state.batch_in_epoch += 1
@@ -504,11 +543,17 @@ def vae_update(cfg, parts, state, batches, kl_weight, disc_active, key_log=None)
         slot = m * world + rank
         generator = torch_generator(cfg.train.seed, state.step, slot)  # posterior noise of this slot
         with contextlib.nullcontext() if m == accum - 1 else accelerator.no_sync(parts.model):
-            real, recon, micro_logs = generator_step(
-                accelerator, parts.model, x, loss_cfg=cfg.loss, disc_cfg=cfg.disc, kl_weight=kl_weight,
-                perceptual=parts.perceptual, disc=raw_disc, last_layer=parts.last_layer, generator=generator,
-                scale=weight / accum, regularizer=parts.regularizer,
-                rng=transform_rng(cfg.train.seed, state.step, slot))
+            if parts.distiller is not None:  # distillation: targets from the teacher (or its cached latents)
+                real, recon, micro_logs = parts.distiller.step(
+                    accelerator, parts.model, x, cached_latents(cfg, parts, batch, weight), loss_cfg=cfg.loss,
+                    disc_cfg=cfg.disc, perceptual=parts.perceptual, disc=raw_disc, last_layer=parts.last_layer,
+                    generator=generator, sample=cfg.model.sample_posterior, scale=weight / accum)
+            else:
+                real, recon, micro_logs = generator_step(
+                    accelerator, parts.model, x, loss_cfg=cfg.loss, disc_cfg=cfg.disc, kl_weight=kl_weight,
+                    perceptual=parts.perceptual, disc=raw_disc, last_layer=parts.last_layer, generator=generator,
+                    scale=weight / accum, regularizer=parts.regularizer,
+                    rng=transform_rng(cfg.train.seed, state.step, slot))
         kept.append((real, recon, weight))
         add_logs(logs, micro_logs, accum)
     # A non-finite gradient norm means a non-finite loss or gradient somewhere (DDP has already averaged
@@ -519,6 +564,17 @@ def vae_update(cfg, parts, state, batches, kl_weight, disc_active, key_log=None)
         parts.ema.step(parts.vae.parameters())
     logs["grad_norm"] = float(grad_norm)
     return kept, images, logs, finite
+
+
+def cached_latents(cfg, parts, batch, weight):
+    """Distillation from a cache: the batch's stored (mean, logvar or None) on the device; None without a cache."""
+    if "mean" not in batch:
+        return None
+    mean, logvar = batch["mean"], batch["logvar"]
+    if weight == 0:  # the stand-in of a micro-batch whose images all failed
+        mean, logvar = parts.distiller.zero_cached(parts.vae, cfg.data.size)
+    device = parts.accelerator.device
+    return mean.to(device), (logvar.to(device) if logvar is not None else None)
 
 
 def disc_update(cfg, parts, state, kept, logs):
@@ -651,6 +707,7 @@ def save(cfg, parts, state, dataset_size, interrupted=False):
         meta = {
             "interrupted": interrupted,
             "config": to_dict(cfg),
+            "vae_class": type(parts.vae).__name__,
             "vae_config": vae_config(parts.vae),
             "data": {"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
                      "global_batch": global_batch(cfg, accelerator.num_processes), "dataset_size": dataset_size,
@@ -663,6 +720,7 @@ def save(cfg, parts, state, dataset_size, interrupted=False):
             "ema": {k: v for k, v in parts.ema.state_dict().items() if k != "shadow_params"} if parts.ema else None,
             "replica_fingerprints": fingerprints,
             "skipped_images": skipped,
+            "distill": parts.distiller.meta() if parts.distiller is not None else None,
         }
         ckpt.save_checkpoint(cfg.out_dir, state.step, weights, optimizers, ckpt.rng_state(), meta)
         if skipped:
@@ -808,6 +866,10 @@ def finish(cfg, parts, state, validator, last_saved):
         weights = "ema" if parts.ema is not None else "raw"
         lines = [f"Finished {state.step} steps. Outputs in {out_dir}:",
                  f"  diffusers export ({'EMA' if weights == 'ema' else 'trained'} weights)  {result['export']}"]
+        if parts.distiller is not None:  # distillation: a tiny student also in TAESD's two-file layout
+            result["taesd"] = parts.distiller.export(export, out_dir)
+            if result["taesd"] is not None:
+                lines.append(f"  TAESD files (what ComfyUI reads from models/vae_approx)  {result['taesd']}")
         if validator is not None:
             values.update(step=state.step, weights=weights,
                           lpips_net=cfg.validation.lpips_net if values["lpips"] is not None else None)
@@ -826,15 +888,20 @@ def finish(cfg, parts, state, validator, last_saved):
         if state.skipped_images:
             lines.append(f"  {len(set(state.skipped_images))} unusable images skipped, listed in "
                          f"{out_dir / 'skipped_images.txt'}")
-        lines += next_commands(result["export"], cfg.data.path, out_dir)
+        lines += next_commands(result["export"], cfg.data.path, out_dir, cfg.distill.teacher)
         log.info("\n".join(lines))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
 
 
-def next_commands(export, data, out_dir):
+def next_commands(export, data, out_dir, teacher=None):
     """What to try next with the exported VAE, as lines to print."""
+    if teacher:  # distillation: compare the student with its teacher, latent compatibility included
+        return ["Next, with this student:",
+                f"  vaekit evaluate --vae {teacher} --vae {export} --teacher {teacher} --data {data} "
+                f"--out {out_dir / 'evaluation'}   # beside its teacher: quality, latent compatibility, speed",
+                f"  vaekit reconstruct --vae {export} IMAGE.png --out {out_dir / 'reconstructed'}"]
     return ["Next, with this VAE:",
             f"  vaekit reconstruct --vae {export} IMAGE.png --out {out_dir / 'reconstructed'}   # any image, any size",
             f"  vaekit encode --vae {export} --data {data} --out {out_dir / 'latents'}   # a latent cache for diffusion",

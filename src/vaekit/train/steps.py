@@ -102,13 +102,8 @@ def generator_step(accelerator, model, x, *, loss_cfg, disc_cfg, kl_weight, perc
         out = model(x, generator=generator, transform=plan.replace, extra=plan.extra)
         real = plan.replace.images(x, regularizer.factor) if plan.replace is not None else x
         recon = out.recon
-        rec = losses.reconstruction_loss(recon.float(), real.float(), loss_cfg.reconstruction)
-        nll = rec
-        logs = {"rec": rec.detach()}
-        if perceptual is not None and loss_cfg.perceptual_weight > 0:
-            p = perceptual(recon, real)
-            nll = nll + loss_cfg.perceptual_weight * p
-            logs["lpips"] = p.detach()
+        logs = {}
+        nll = image_loss(recon, real, loss_cfg, perceptual, logs)
         kl = losses.kl_loss(out.mean, out.logvar, loss_cfg.free_bits)
         loss = nll + kl_weight * kl
         logs["kl"] = kl.detach()
@@ -116,18 +111,35 @@ def generator_step(accelerator, model, x, *, loss_cfg, disc_cfg, kl_weight, perc
             logs["eq"] = torch.tensor(float(plan.replace is not None))
             loss = loss + regularizer.loss(out, x, plan, nll, perceptual, logs)
         if disc is not None:
-            with frozen(disc):
-                g = losses.generator_loss(disc(recon), disc_cfg.loss)
-                if disc_cfg.adaptive:
-                    weight = losses.adaptive_weight(nll, g, last_layer, disc_cfg.max_adaptive_weight)
-                else:
-                    weight = torch.tensor(1.0, device=g.device)
-                weight = weight * disc_cfg.weight
-                loss = loss + weight * g
-            logs["g"], logs["g_weight"] = g.detach(), weight.detach()
+            loss = loss + adversarial_loss(disc, recon, nll, last_layer, disc_cfg, logs)
         logs["loss"] = loss.detach()
     accelerator.backward(loss * scale)
     return real.detach(), recon.detach(), logs
+
+
+def image_loss(recon, real, loss_cfg, perceptual, logs):
+    """Reconstruction + weighted LPIPS of `recon` against `real`, the nll the adaptive GAN weight balances; logged."""
+    rec = losses.reconstruction_loss(recon.float(), real.float(), loss_cfg.reconstruction)
+    nll = rec
+    logs["rec"] = rec.detach()
+    if perceptual is not None and loss_cfg.perceptual_weight > 0:
+        p = perceptual(recon, real)
+        nll = nll + loss_cfg.perceptual_weight * p
+        logs["lpips"] = p.detach()
+    return nll
+
+
+def adversarial_loss(disc, recon, nll, last_layer, disc_cfg, logs):
+    """The weighted generator term of the *unwrapped* discriminator `disc`, whose parameters stay frozen meanwhile."""
+    with frozen(disc):
+        g = losses.generator_loss(disc(recon), disc_cfg.loss)
+        if disc_cfg.adaptive:
+            weight = losses.adaptive_weight(nll, g, last_layer, disc_cfg.max_adaptive_weight)
+        else:
+            weight = torch.tensor(1.0, device=g.device)
+        weight = weight * disc_cfg.weight
+    logs["g"], logs["g_weight"] = g.detach(), weight.detach()
+    return weight * g
 
 
 def discriminator_step(accelerator, disc, x, recon, *, disc_cfg, scale=1.0):
