@@ -13,7 +13,7 @@ import hashlib
 import torch
 
 from vaekit.cache.dataset import LatentDataset
-from vaekit.cache.format import read_card
+from vaekit.cache.reader import open_card
 from vaekit.cache.units import prepare_pixels
 from vaekit.data.config import DEFAULT_MAX_PIXELS
 from vaekit.data.decode import ImageError, decode_image
@@ -30,10 +30,13 @@ class CachedPairs(EpochSeeded, torch.utils.data.Dataset):
     """
 
     def __init__(self, cache_dir, source, size, flip=True, seed=0, max_pixels=DEFAULT_MAX_PIXELS):
-        card = read_card(cache_dir)
-        key = card.get("key", {})
+        info = open_card(cache_dir)  # checked: a damaged card is one VaekitError naming card.json
+        key = info.key
+        if key.get("size_policy") is None or not isinstance(key.get("background"), list) or not info.factor:
+            raise VaekitError(f"{cache_dir}/card.json lacks the size policy, background or downsampling factor "
+                              f"that pair its latents with images; re-create it with `vaekit encode --overwrite`.")
         self.policy, self.background = key["size_policy"], tuple(key["background"])
-        self.factor = int(card["vae"]["downsample_factor"])
+        self.factor = int(info.factor)
         self.source, self.size, self.seed, self.max_pixels = source, int(size), int(seed), max_pixels
         self.flip = bool(flip and key.get("flip"))
         check_crop(self.policy, self.size, self.factor, cache_dir)

@@ -38,7 +38,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from vaekit.cache.format import read_card
+from vaekit.cache.reader import open_card
 from vaekit.errors import VaekitError
 from vaekit.model.architecture import cast_vae, downsample_factor, fingerprint, is_tiny, latent_channels, vae_config
 from vaekit.model.normalization import scale_shift
@@ -298,7 +298,7 @@ def make_distiller(cfg, teacher, teacher_print, student):
 def check_student(vae, cfg):
     """Refuse what a student cannot train with; an AutoencoderTiny trains only as a student."""
     if not is_tiny(vae):
-        if cfg.distill.cache and read_card(cfg.distill.cache).get("key", {}).get("store") == "mode":
+        if cfg.distill.cache and open_card(cfg.distill.cache).store == "mode":
             raise VaekitError(f"distill.cache {cfg.distill.cache} stores posterior means only (--store mode), so a "
                               f"KL student's posterior variance would not learn, and pipelines that sample it "
                               f"(img2img) would add untrained noise; encode with --store mean_logvar (the default).")
@@ -315,10 +315,10 @@ def check_student(vae, cfg):
 
 def check_cache(cache_dir, teacher_fingerprint, spec):
     """Refuse a latent cache that another VAE (or another normalisation) encoded."""
-    card = read_card(cache_dir)
-    key = card.get("key", {})
+    info = open_card(cache_dir)  # checked: a damaged card is one VaekitError naming card.json
+    card, key = info.card, info.key
     if key.get("vae_fingerprint") != teacher_fingerprint:
-        source = card.get("vae", {}).get("source", "an unknown model")
+        source = (card.get("vae") if isinstance(card.get("vae"), dict) else {}).get("source", "an unknown model")
         raise VaekitError(f"distill.cache {cache_dir} was encoded by another VAE ({source}, fingerprint "
                           f"{str(key.get('vae_fingerprint'))[:12]}) than distill.teacher={spec} (fingerprint "
                           f"{teacher_fingerprint[:12]}); encode the training images with the teacher: vaekit encode "
