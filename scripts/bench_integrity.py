@@ -25,6 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib lives beside this script
+from benchlib import write_synthetic_unit  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -63,9 +66,8 @@ def build_parts(out, parts, part_mb):
     """A format-2 cache of `parts` units of one part each, `part_mb` MB per part (fp16 posterior, 4x32x32)."""
     import torch
 
-    from vaekit.cache.format import (FORMAT, FORMAT_MINOR, FORMAT_VERSION, card_hash, index_path, index_table,
-                                     new_token, part_digest, write_index)
-    from vaekit.io import save_safetensors, write_json
+    from vaekit.cache.format import FORMAT, FORMAT_MINOR, FORMAT_VERSION, new_token
+    from vaekit.io import write_json
 
     per_sample = 2 * 4 * 32 * 32 * 2  # mean and logvar, fp16
     count = max(1, int(part_mb * 2**20) // per_sample)
@@ -78,17 +80,8 @@ def build_parts(out, parts, part_mb):
     token = new_token()
     latents = torch.randn(count, 4, 32, 32).half()
     for unit in range(parts):
-        name = f"u-{unit:08d}.p000.{token}.safetensors"
-        save_safetensors({"mean/256x256": latents, "logvar/256x256": latents.clone()}, out / "units" / name,
-                         metadata={"count": str(count)})
-        rows = [{"key": f"{unit:05d}-{i:06d}", "path": None, "sha256": bytes(32), "part": 0, "bucket_w": 256,
-                 "bucket_h": 256, "offset": i, "flip_offset": -1, "original_w": 256, "original_h": 256,
-                 "resized_w": 256, "resized_h": 256, "crop_left": 0, "crop_top": 0, "crop_right": 256,
-                 "crop_bottom": 256} for i in range(count)]
-        meta = {"format": FORMAT_VERSION, "unit": unit, "label": f"unit {unit}", "signature": "", "token": token,
-                "parts": [name], "part_files": [{"name": name, **part_digest(out / "units" / name)}],
-                "rows": count, "card": card_hash(card), "errors": []}
-        write_index(index_path(out, unit), index_table(rows, meta))
+        write_synthetic_unit(out, unit, token, card, latents, [f"{unit:05d}-{i:06d}" for i in range(count)],
+                             bucket=(256, 256), original=(256, 256))
 
 
 def read_all(folder):

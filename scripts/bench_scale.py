@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib lives beside this script
-from benchlib import process_memory_bytes  # noqa: E402
+from benchlib import process_memory_bytes, write_synthetic_unit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = 4096
@@ -104,9 +104,8 @@ def build_v2(out, images):
     from vaekit import __version__
     from vaekit.cache.encode import encode_options, load_encoder_vae, open_data, unit_layout
     from vaekit.cache.format import (FORMAT, FORMAT_MINOR, FORMAT_VERSION, cache_key, card_hash, catalog_row,
-                                     index_path, index_table, new_token, part_digest, size_policy, unit_schema,
-                                     write_catalog, write_index)
-    from vaekit.io import save_safetensors, write_json
+                                     index_path, new_token, size_policy, unit_schema, write_catalog)
+    from vaekit.io import write_json
 
     units = -(-images // UNIT)
     config = encode_config(out, units)
@@ -121,18 +120,9 @@ def build_v2(out, images):
     token, catalog = new_token(), []
     for unit in range(units):
         count = min(UNIT, images - unit * UNIT)
-        part = f"u-{unit:08d}.p000.{token}.safetensors"
         latents = torch.randn(count, *LATENT).half()
-        save_safetensors({"mean/16x16": latents, "logvar/16x16": latents.clone()}, out / "units" / part,
-                         metadata={"count": str(count)})
-        rows = [{"key": f"{unit * UNIT + i:010d}", "path": None, "sha256": bytes(32), "part": 0, "bucket_w": 16,
-                 "bucket_h": 16, "offset": i, "flip_offset": -1, "original_w": 40, "original_h": 40,
-                 "resized_w": 16, "resized_h": 16, "crop_left": 0, "crop_top": 0, "crop_right": 16,
-                 "crop_bottom": 16} for i in range(count)]
-        meta = {"format": FORMAT_VERSION, "unit": unit, "label": plan.label(unit), "signature": plan.signature(unit),
-                "token": token, "parts": [part], "part_files": [{"name": part, **part_digest(out / "units" / part)}],
-                "rows": count, "card": card_hash(card), "errors": [], "retry": False}
-        write_index(index_path(out, unit), index_table(rows, meta))
+        write_synthetic_unit(out, unit, token, card, latents, [f"{unit * UNIT + i:010d}" for i in range(count)],
+                             bucket=(16, 16), original=(40, 40), label=plan.label(unit), signature=plan.signature(unit))
         catalog.append(catalog_row(unit, *unit_schema(index_path(out, unit))))
     write_catalog(out, catalog, {"generation": 1, "writer": "bench", "card_hash": card_hash(card), "card": card})
 

@@ -169,3 +169,29 @@ def interleaved_times(runs, device, warmup=1, repeats=3):
         log(f"round {round_ + 1} of {warmup + repeats}: "
             + ", ".join(f"{name} {(times[name] or [first[name]])[-1]:.3f} s" for name in runs))
     return times, first
+
+
+def write_synthetic_unit(out, unit, token, card, latents, keys, bucket, original, label="", signature=""):
+    """One unit of a format-2 cache as `vaekit encode` writes it, from made-up latents (no VAE, no images).
+
+    One part holding `latents` (N, C, h, w) as both mean and logvar in the (W, H) `bucket`, checksums
+    included, and the unit's index naming the images `keys` (each `original` (W, H) in size); returns
+    the index's path. For the cache benchmarks, which need caches of 10^5-10^6 images in seconds.
+    """
+    from vaekit.cache.format import FORMAT_VERSION, card_hash, index_path, index_table, part_digest, write_index
+    from vaekit.io import save_safetensors
+
+    count, (width, height) = len(latents), bucket
+    part = f"u-{unit:08d}.p000.{token}.safetensors"
+    save_safetensors({f"mean/{width}x{height}": latents, f"logvar/{width}x{height}": latents.clone()},
+                     Path(out) / "units" / part, metadata={"count": str(count)})
+    rows = [{"key": key, "path": None, "sha256": bytes(32), "part": 0, "bucket_w": width, "bucket_h": height,
+             "offset": i, "flip_offset": -1, "original_w": original[0], "original_h": original[1],
+             "resized_w": width, "resized_h": height, "crop_left": 0, "crop_top": 0, "crop_right": width,
+             "crop_bottom": height} for i, key in enumerate(keys)]
+    meta = {"format": FORMAT_VERSION, "unit": unit, "label": label or f"unit {unit}", "signature": signature,
+            "token": token, "parts": [part], "part_files": [{"name": part, **part_digest(Path(out) / "units" / part)}],
+            "rows": count, "card": card_hash(card), "errors": [], "retry": False}
+    path = index_path(out, unit)
+    write_index(path, index_table(rows, meta))
+    return path
