@@ -71,6 +71,7 @@ def tokens(out):
 # Streamed shards, several processes, a rank killed
 
 
+@pytest.mark.slow
 def test_streamed_shards_on_three_processes_once_each_and_a_killed_rank_redone_alone(tmp_path, vae_dir):
     shards = write_shards(tmp_path / "shards", 6, 3)
     spec = f"pipe:cat {tmp_path / 'shards'}/shard-{{000..005}}.tar.gz"

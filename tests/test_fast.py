@@ -404,6 +404,7 @@ def load_bench():
     return module
 
 
+@pytest.mark.slow
 def test_bench_runs_on_cpu_and_writes_report(tmp_path):
     out, js = tmp_path / "bench.md", tmp_path / "bench.json"
     cmd = [sys.executable, str(BENCH), "--device", "cpu", "--preset", "tiny", "--dtype", "fp32",

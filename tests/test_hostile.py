@@ -272,6 +272,7 @@ def mount_tmpfs(path, options):
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'mount failed'}); needs root")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs (a full disk) needs root")
 def test_full_and_read_only_disks_give_one_message_and_resume_once_fixed(tmp_path):
     photos = tmp_path / "photos"
@@ -303,6 +304,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_run_resumes_on_the_cpu(tmp_path):
     photos = tmp_path / "photos"
     write_photos(photos, 8, size=(48, 40))

@@ -566,6 +566,7 @@ def test_regularised_run_resumes_to_bit_identical_weights(tmp_path, photos, tiny
     assert "align_cos" in log and "se " in log and "eq " in log  # the terms are logged
 
 
+@pytest.mark.slow
 def test_regularised_two_process_run_matches_one_process(tmp_path, photos, tiny_dinov2):
     """2 CPU processes (gloo) x 1 image x 2 accumulation == 1 process x 1 image x 4, with every regulariser on.
 
