@@ -21,7 +21,8 @@ from vaekit import __version__
 from vaekit.cache.format import (FORMAT, FORMAT_VERSION, UNIT_LOCK, UNIT_PART, UNIT_STAGING, cache_key, clean_unit,
                                  current_parts, invalidate_catalog, list_units, lock_path, new_token, open_card,
                                  read_unit_meta, size_policy, unit_errors, write_catalog)
-from vaekit.cache.units import IndexedPlan, Preparer, ShardPlan, UnitStream
+from vaekit.cache.keys import rename_repeated_keys
+from vaekit.cache.units import IndexedPlan, Preparer, ShardPlan, UnitStream, show_reading
 from vaekit.cache.writer import UnitWriter
 from vaekit.codec.inference import BulkEncoder, tile_option
 from vaekit.data.shards import is_shard_file, looks_like_shards
@@ -63,11 +64,11 @@ def open_data(config):
         if config.limit is not None:
             raise VaekitError("--limit counts images of an indexed source; with WebDataset shards, pass fewer shards "
                               "(a shorter brace range) instead.")
-        return ShardPlan(config.data, config.image_column)
+        return ShardPlan(config.data, config.image_column, config.max_image_bytes, config.read_timeout)
     source = open_source(config.data, config.source, config.split, config.image_column, config.key_column)
     if config.limit is not None and config.limit < len(source):
         source = source.subset(range(config.limit))
-    return IndexedPlan(source, config.unit_size)
+    return IndexedPlan(source, config.unit_size, config.max_image_bytes)
 
 
 def agree(state, status):
@@ -298,13 +299,17 @@ def encode_units(encoder, plan, units, policy, config, device, writer, counters,
     stream = UnitStream(plan, units, preparer, config.batch_size)
     jobs = len(units) if plan.kind == "shards" else sum(len(plan.chunks(u, config.batch_size)) for u in units)
     workers = min(config.num_workers, jobs)
+    # Shards in any order: a worker stuck on a slow shard must not hold back the others' units (each
+    # shard's chunks still come in order, from its one worker, so batches are the same in any order).
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+                                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+                                         in_order=plan.kind != "shards")
     total = sum(len(plan.positions(u)) for u in units) if plan.kind == "indexed" else None
     signatures = {unit: plan.signature(unit) for unit in units}
     chunks = iter(loader)  # forks the workers
     writer.start()  # threads only after the fork
     bar = tqdm(total=total, unit="img", desc="encode", disable=not show_progress, smoothing=0.1)
+    reading = show_reading(stream, bar)
     try:
         for item in stream_latents(encoder, chunks, config, counters, bar):
             if item[0] == "end":
@@ -312,6 +317,7 @@ def encode_units(encoder, plan, units, policy, config, device, writer, counters,
                                          "failure": item[2]})
             writer.put(item)
     finally:
+        reading.set()
         bar.close()
         writer.close()
 
@@ -336,6 +342,7 @@ def finish_run(out, plan, token, record):
 
 def finalize_cache(out, plan, token, records):
     """The catalog, the merged error list and summary.json of a finished run; returns the summary."""
+    rename_repeated_keys(out, plan)  # before the catalog and errors.jsonl, which list the renames
     units = []
     for unit, path in list_units(out).items():
         meta = read_unit_meta(path)
