@@ -241,7 +241,7 @@ def reading_text(stream, shown=2):
     """'reading shard-003.tar 12.3 MB, x.tar 0 B (no data for 41 s)': the shards being read, the quietest first."""
     rows = stream.reading.numpy()
     now = time.monotonic()
-    active = sorted((row[2], slot) for slot, row in enumerate(rows) if row[0] == 1)
+    active = sorted((rows[slot, 2], slot) for slot in np.flatnonzero(rows[:, 0] == 1))  # numpy: units may be many
     parts = []
     for last, slot in active[:shown]:
         text = f"{shard_name(stream.plan.urls[stream.units[slot]], 30)} {format_bytes(rows[slot][1])}"

@@ -14,6 +14,7 @@ regular file, a repeat) is yielded as an ImageError under its own name. A read t
 
 import bz2
 import collections
+import gzip
 import io
 import lzma
 import os
@@ -21,7 +22,6 @@ import re
 import select
 import signal
 import tarfile
-import zlib
 from pathlib import Path
 
 from vaekit.data.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_READ_TIMEOUT, IMAGE_EXTENSIONS
@@ -155,9 +155,10 @@ def shard_samples(url, field=None, max_bytes=DEFAULT_MAX_IMAGE_BYTES, timeout=DE
         stream.close()  # stops a command still running (an early stop, a failure, a stall) and reaps it
 
 
-# Bytes asked of a shard per read (a pipe gives at most 64 KiB at a time): few system calls. tarfile
-# reads from that buffer in its own small records (it copies what it has not used on every read).
-READ_SIZE = 1 << 20
+# Bytes asked of a shard per read (a pipe gives at most 64 KiB at a time): few system calls, and
+# buffers below the size glibc maps and unmaps afresh (1 MiB reads spent a third more system time).
+# tarfile reads from the buffer in its own small records (it copies what it has not used on every read).
+READ_SIZE = 1 << 18
 
 # WebDataset's own convention: members named __x__ hold metadata of the shard, not samples.
 _METADATA = re.compile(r"^__[^/]*__($|/)")
@@ -167,63 +168,37 @@ def read_tar(stream, wanted, max_bytes):
     """(key, bytes or ImageError) of a tar stream's samples and of its members that belong to none.
 
     Only image members (`wanted` extensions) are read, each after its declared size is checked
-    against `max_bytes`; other members are skipped over unread, in bounded memory.
+    against `max_bytes`; other members are skipped over unread, in bounded memory. A compressed
+    stream is read to its end, where its checksum is checked (tarfile stops at the tar's end marker).
     """
-    with tarfile.open(fileobj=decompressed(stream), mode="r|") as tar:
+    source = decompressed(stream)
+    with tarfile.open(fileobj=source, mode="r|") as tar:
         def members():
             for member in tar:
                 tar.members = []  # stream mode keeps every header otherwise
                 yield member
 
         yield from tar_samples(members(), wanted, max_bytes, lambda member: tar.extractfile(member).read())
+    while source is not stream and source.read(READ_SIZE):  # a bad CRC raises here: the shard is unusable
+        pass
 
 
 def decompressed(stream):
     """The uncompressed bytes of a .tar, .tar.gz, .tar.bz2 or .tar.xz stream (told apart by their magic bytes).
 
-    Written by hand instead of tarfile's "r|*": its stream mode inflates each compressed read whole
-    (a 10 KiB read of a member of zeros is 10 MB) and copies what is left on every read, so skipping
-    a large, well-compressed member took minutes and gigabytes. These readers inflate at most what
-    is asked for.
+    The standard library's file readers inflate at most what each read asks for, so skipping a large,
+    well-compressed member costs time, not memory. Chosen by hand instead of tarfile's "r|*": its
+    stream mode inflates each compressed read whole (a 10 KiB read of a member of zeros is 10 MB)
+    and copies what is left on every read, which took minutes and gigabytes on such a member.
     """
     head = stream.peek(6)[:6]
     if head.startswith(b"\x1f\x8b"):
-        return io.BufferedReader(Gunzip(stream), READ_SIZE)
+        return gzip.GzipFile(fileobj=stream, mode="rb")  # checks each member's CRC; members may follow and zeros pad
     if head.startswith(b"BZh"):
         return bz2.BZ2File(stream)
     if head.startswith(b"\xfd7zXZ\x00"):
         return lzma.LZMAFile(stream)
     return stream
-
-
-class Gunzip(io.RawIOBase):
-    """The inflated bytes of a gzip stream (one or more members), at most a read's worth at a time, checked
-    against each member's CRC. Written by hand: gzip.GzipFile does the same through 8 KiB reads, a
-    fifth slower; tarfile's own inflation is unbounded (see `decompressed`)."""
-
-    def __init__(self, stream):
-        self.stream, self.inflate, self.pending = stream, zlib.decompressobj(16 + zlib.MAX_WBITS), b""
-
-    def readable(self):
-        return True
-
-    def readinto(self, buffer):
-        while True:
-            if self.inflate.eof:  # the end of a member: another may follow, or zeros that pad the file
-                rest = (self.inflate.unused_data + self.pending).lstrip(b"\0")
-                while not rest:
-                    if not (more := self.stream.read(READ_SIZE)):
-                        return 0
-                    rest = more.lstrip(b"\0")
-                self.pending, self.inflate = rest, zlib.decompressobj(16 + zlib.MAX_WBITS)
-            data = self.pending or self.stream.read(READ_SIZE)
-            if not data:
-                raise EOFError("the gzip data ends before its end marker (a cut-off .tar.gz)")
-            out = self.inflate.decompress(data, len(buffer))  # at most what was asked for
-            self.pending = self.inflate.unconsumed_tail
-            if out:
-                buffer[:len(out)] = out
-                return len(out)
 
 
 def tar_samples(members, wanted, max_bytes, load):
