@@ -285,8 +285,10 @@ def test_webdataset_shard_folders_patterns_and_errors(photo_set, tmp_path):
     write_tar(shards / "part-001.tar", {"s2.png": raw[2], "s2.seg.png": raw[3], "s0.png": raw[3]})
     by_dir = open_source(shards)
     by_pattern = open_source(str(shards / "part-{000..001}.tar"))
-    # s0 repeats in the second shard: it keeps its image under a key prefixed by the shard name.
-    assert by_dir.keys() == by_pattern.keys() == ["s0", "s1", "s2", "part-001.tar/s0"]
+    # s0 repeats in the second shard: it keeps its image under a key that names its shard (listed as renamed).
+    assert by_dir.keys() == by_pattern.keys() == ["s0", "s1", "s2", "s0@part-001.tar"]
+    assert [(r["key"], r["detail"]) for r in by_dir.renamed] == [
+        ("s0", "stored as s0@part-001.tar: the earlier shard part-000.tar has the key s0")]
     assert by_dir[2].read_bytes() == raw[2]  # the plain .png field, not the .seg.png one
     assert open_source(shards, image_column="seg.png").keys() == ["s2"]
     with pytest.raises(VaekitError, match="Shard not found"):

@@ -3,7 +3,8 @@
 import dataclasses
 import typing
 
-from vaekit.data.config import DEFAULT_MAX_PIXELS, SOURCE_KINDS
+from vaekit.data.config import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_READ_TIMEOUT, SOURCE_KINDS,
+                                check_read_limits)
 
 STORE_MODES = ("mean_logvar", "mode")
 
@@ -30,6 +31,8 @@ class EncodeConfig:
     small_images: typing.Literal["upscale", "skip", "pad"] = "upscale"  # images smaller than their crop
     min_size: int = 0  # images with a shorter side are skipped and listed
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # decompression-bomb limit; None: Pillow's only
+    max_image_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES  # larger files are skipped unread; None: no limit
+    read_timeout: float | None = DEFAULT_READ_TIMEOUT  # seconds without a byte before a shard is given up
     background: list[int] = dataclasses.field(default_factory=lambda: [255, 255, 255])  # behind transparency
     flip: bool = False  # also store the latents of the mirrored image
     store: typing.Literal["mean_logvar", "mode"] = "mean_logvar"  # posterior, or its mode only
@@ -54,3 +57,4 @@ class EncodeConfig:
             raise ValueError(f"limit must be at least 1, got {self.limit}")
         if len(self.background) != 3 or not all(0 <= int(c) <= 255 for c in self.background):
             raise ValueError(f"background must be three values 0-255, got {self.background}")
+        check_read_limits(self.max_image_bytes, self.read_timeout)

@@ -31,7 +31,8 @@ from vaekit.cache.format import (FORMAT, FORMAT_MINOR, FORMAT_VERSION, UNIT_LOCK
                                  invalidate_catalog, lock_path, new_token, open_card, read_catalog,
                                  scan_units, size_policy, unit_schema, write_card)
 from vaekit.cache.reader import CacheDamage, CardInfo, catalog_rows, check_unit, read_meta, refresh_catalog
-from vaekit.cache.units import IndexedPlan, Preparer, ShardPlan, UnitStream
+from vaekit.cache.keys import rename_repeated_keys
+from vaekit.cache.units import IndexedPlan, Preparer, ShardPlan, UnitStream, show_reading
 from vaekit.cache.writer import UnitWriter
 from vaekit.codec.inference import BulkEncoder, tile_option
 from vaekit.data.shards import is_shard_file, looks_like_shards
@@ -78,13 +79,13 @@ def open_data(config):
         if config.limit is not None:
             raise VaekitError("--limit counts images of an indexed source; with WebDataset shards, pass fewer shards "
                               "(a shorter brace range) instead.")
-        return ShardPlan(config.data, config.image_column)
+        return ShardPlan(config.data, config.image_column, config.max_image_bytes, config.read_timeout)
     source = open_source(config.data, config.source, config.split, config.image_column, config.key_column)
     if config.limit is not None and config.limit < len(source):
-        plan = IndexedPlan(source.subset(range(config.limit)), config.unit_size)
-        plan.unlimited = IndexedPlan(source, config.unit_size)
+        plan = IndexedPlan(source.subset(range(config.limit)), config.unit_size, config.max_image_bytes)
+        plan.unlimited = IndexedPlan(source, config.unit_size, config.max_image_bytes)
         return plan
-    return IndexedPlan(source, config.unit_size)
+    return IndexedPlan(source, config.unit_size, config.max_image_bytes)
 
 
 def done_signatures(plan, unit):
@@ -479,8 +480,11 @@ def encode_units(encoder, plan, units, policy, config, device, writer, counters,
     stream = UnitStream(plan, units, preparer, config.batch_size)
     jobs = len(units) if plan.kind == "shards" else sum(len(plan.chunks(u, config.batch_size)) for u in units)
     workers = min(config.num_workers, jobs)
+    # Shards in any order: a worker stuck on a slow shard must not hold back the others' units (each
+    # shard's chunks still come in order, from its one worker, so batches are the same in any order).
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+                                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+                                         in_order=plan.kind != "shards")
     total = sum(len(plan.positions(u)) for u in units) if plan.kind == "indexed" else None
     signatures = {unit: plan.signature(unit) for unit in units}
     chunks = iter(loader)  # forks the workers
@@ -488,6 +492,7 @@ def encode_units(encoder, plan, units, policy, config, device, writer, counters,
     bar = tqdm(total=total, unit="img", desc="encode", disable=not show_progress, smoothing=0.1)
     if gate is not None:
         chunks = gated(chunks, gate, bar)
+    reading = show_reading(stream, bar)
     try:
         for item in stream_latents(encoder, chunks, config, counters, bar):
             if item[0] == "end":
@@ -495,6 +500,7 @@ def encode_units(encoder, plan, units, policy, config, device, writer, counters,
                                          "failure": item[2]})
             writer.put(item)
     finally:
+        reading.set()
         bar.close()
         writer.close()
 
@@ -525,6 +531,7 @@ def finalize_cache(out, plan, token, records, stale_after=600.0):
     dead processes left (temporaries by owner, other runs' records once finalised or stale).
     """
     out = Path(out)
+    rename_repeated_keys(out, plan, stale_after)  # before the catalog and errors.jsonl, which list the renames
     try:
         refresh_catalog(out)
     except VaekitError:  # a damaged card: readers say so; `vaekit cache verify --repair` restores it

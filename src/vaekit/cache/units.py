@@ -9,14 +9,18 @@ set) is cut into blocks of `unit_size` consecutive images, whose batches any wor
 import hashlib
 import math
 import os
+import threading
+import time
 
 import numpy as np
 import torch
 
+from vaekit.data.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_READ_TIMEOUT
 from vaekit.data.crops import nearest_bucket, prepare_image
 from vaekit.data.decode import ImageError, decode_image
-from vaekit.data.shards import expand_shards, shard_identity, shard_samples
+from vaekit.data.shards import expand_shards, shard_identity, shard_name, shard_samples
 from vaekit.data.sources import display_text
+from vaekit.errors import describe_exception
 
 
 class IndexedPlan:
@@ -24,9 +28,10 @@ class IndexedPlan:
 
     kind = "indexed"
 
-    def __init__(self, source, unit_size):
+    def __init__(self, source, unit_size, max_bytes=DEFAULT_MAX_IMAGE_BYTES):
         self.source = source
         self.unit_size = unit_size
+        self.max_bytes = max_bytes
         self.description = source.description
         self.count = math.ceil(len(source) / unit_size)
         self.skipped = source.skipped
@@ -62,7 +67,7 @@ class IndexedPlan:
     def read(self, position):
         """(key, path, bytes or ImageError) of one image."""
         record = self.source[position]
-        return record.key, record.path, read_record(record)
+        return record.key, record.path, read_record(record, self.max_bytes)
 
 
 class ShardPlan:
@@ -70,9 +75,10 @@ class ShardPlan:
 
     kind = "shards"
 
-    def __init__(self, spec, field=None):
+    def __init__(self, spec, field=None, max_bytes=DEFAULT_MAX_IMAGE_BYTES, read_timeout=DEFAULT_READ_TIMEOUT):
         self.urls = expand_shards(spec)
         self.field = field
+        self.max_bytes, self.read_timeout = max_bytes, read_timeout
         self.description = f"webdataset {spec} ({len(self.urls)} shards)"
         self.count = len(self.urls)
         self.skipped = []
@@ -89,22 +95,22 @@ class ShardPlan:
         """What a unit covers, for messages."""
         return f"shard {self.urls[unit]}"
 
-    def samples(self, unit):
-        """(key, None, bytes or ImageError) of the shard's samples, in order."""
-        for key, data in shard_samples(self.urls[unit], self.field):
+    def samples(self, unit, on_read=None):
+        """(key, None, bytes or ImageError) of the shard's samples, in order; `on_read(bytes so far)` as it is read."""
+        for key, data in shard_samples(self.urls[unit], self.field, self.max_bytes, self.read_timeout, on_read):
             yield display_text(key), None, data
 
 
-def read_record(record):
-    """The bytes of a Record, or the ImageError that says why they cannot be had."""
+def read_record(record, max_bytes=DEFAULT_MAX_IMAGE_BYTES):
+    """The bytes of a Record (refused unread over `max_bytes`), or the ImageError that says why they cannot be had."""
     try:
-        return record.read_bytes()
+        return record.read_bytes(max_bytes=max_bytes)
     except ImageError as e:
         return e
     except FileNotFoundError:
         return ImageError("file not found")
     except OSError as e:
-        return ImageError("unreadable file", None, f"{type(e).__name__}: {e}")
+        return ImageError("unreadable file", None, describe_exception(e))
 
 
 class Preparer:
@@ -123,7 +129,7 @@ class Preparer:
             return {**base, "error": data.reason, "detail": data.detail}
         digest = hashlib.sha256(data).hexdigest()
         try:
-            img = decode_image(data, background=self.background, max_pixels=self.max_pixels)
+            img = decode_image(data, background=self.background, max_pixels=self.max_pixels, max_bytes=None)
             pixels, crop, bucket = prepare_pixels(img, self.policy, self.buckets, self.background)
         except ImageError as e:
             return {**base, "error": e.reason, "detail": e.detail}
@@ -163,10 +169,15 @@ class UnitStream(torch.utils.data.IterableDataset):
     chunk, whose `chunks` is how many that unit sent in all (the main process knows then that the
     unit is complete). An indexed unit's chunks are dealt round-robin to all workers; a shard is
     streamed whole by one worker. `failure` is set when a shard could not be read to its end.
+    While a shard is read, its row of `reading` (shared with the main process) holds (1, bytes read,
+    time of the last byte); 2 in the first column once it is done.
     """
 
     def __init__(self, plan, units, preparer, batch_size):
         self.plan, self.units, self.preparer, self.batch_size = plan, list(units), preparer, batch_size
+        # (units, 3) float64 in shared memory, so DataLoader workers can report to the progress line.
+        self.reading = torch.zeros(len(self.units), 3, dtype=torch.float64).share_memory_() \
+            if plan.kind == "shards" else None
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -174,8 +185,8 @@ class UnitStream(torch.utils.data.IterableDataset):
         if self.plan.kind == "indexed":
             yield from self._indexed(worker, workers)
         else:
-            for unit in self.units[worker::workers]:
-                yield from self._shard(unit)
+            for slot in range(worker, len(self.units), workers):
+                yield from self._shard(self.units[slot], slot)
 
     def _indexed(self, worker, workers):
         jobs = []
@@ -187,14 +198,64 @@ class UnitStream(torch.utils.data.IterableDataset):
             # Every chunk says which it is; the last one of a unit also says how many there are.
             yield {"unit": unit, **collate_prepared(items), "last": i == total - 1, "chunks": total, "failure": None}
 
-    def _shard(self, unit):
+    def _shard(self, unit, slot):
+        url = self.plan.urls[unit]
+        row = self.reading[slot].numpy()  # a view of the shared row
+
+        def on_read(count):
+            row[1], row[2] = count, time.monotonic()
+
+        row[:] = (1, 0, time.monotonic())
         sent, items, failure = 0, [], None
         try:
-            for key, path, data in self.plan.samples(unit):
-                items.append(self.preparer(key, path, data))
+            for key, path, data in self.plan.samples(unit, on_read):
+                item = self.preparer(key, path, data)
+                if "error" in item:
+                    item["path"] = url  # a sample's error names the shard it is in
+                items.append(item)
                 if len(items) == self.batch_size:
                     yield {"unit": unit, **collate_prepared(items), "last": False, "chunks": None, "failure": None}
                     sent, items = sent + 1, []
         except ImageError as e:
-            failure = {"key": None, "path": self.plan.urls[unit], "reason": e.reason, "detail": e.detail}
+            failure = {"key": None, "path": url, "reason": e.reason, "detail": e.detail}
+        row[0] = 2
         yield {"unit": unit, **collate_prepared(items), "last": True, "chunks": sent + 1, "failure": failure}
+
+
+def show_reading(stream, bar, every=1.0):
+    """Show on `bar`, every `every` seconds from a thread, the shards being read: name, bytes so far, and
+    how long since their last byte once that is a while. Returns an Event that stops it."""
+    stop = threading.Event()
+    if stream.reading is None or bar.disable:
+        return stop
+
+    def loop():
+        while not stop.wait(every):
+            bar.set_postfix_str(reading_text(stream), refresh=True)
+
+    threading.Thread(target=loop, name="vaekit-read-progress", daemon=True).start()
+    return stop
+
+
+def reading_text(stream, shown=2):
+    """'reading shard-003.tar 12.3 MB, x.tar 0 B (no data for 41 s)': the shards being read, the quietest first."""
+    rows = stream.reading.numpy()
+    now = time.monotonic()
+    active = sorted((rows[slot, 2], slot) for slot in np.flatnonzero(rows[:, 0] == 1))  # numpy: units may be many
+    parts = []
+    for last, slot in active[:shown]:
+        text = f"{shard_name(stream.plan.urls[stream.units[slot]], 30)} {format_bytes(rows[slot][1])}"
+        if now - last >= 10:
+            text += f" (no data for {now - last:.0f} s)"
+        parts.append(text)
+    if len(active) > shown:
+        parts.append(f"{len(active) - shown} more")
+    return "reading " + ", ".join(parts) if parts else ""
+
+
+def format_bytes(count):
+    """12 B, 3.4 kB, 12.3 MB, 1.2 GB."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000

@@ -1,11 +1,13 @@
 """`vaekit encode` and `vaekit stats`: building latent caches and measuring latent statistics."""
 
+import argparse
 import json
 import os
 from pathlib import Path
 
 from vaekit.cache.config import STORE_MODES, EncodeConfig
 from vaekit.cli.args import add_command, add_config_argument, add_model_arguments, config_from_args, flag
+from vaekit.codec.options import parse_bytes
 from vaekit.config import DTYPE_NAMES
 from vaekit.data.config import SMALL_IMAGE_POLICIES, SOURCE_KINDS
 from vaekit.errors import VaekitError
@@ -104,6 +106,12 @@ def add_pipeline_arguments(parser):
         help="images smaller than their crop: resize up, skip and list, or pad (default upscale)")
     add("--min_size", type=int, help="skip and list images whose shorter side is below this (default 0)")
     add("--max_pixels", type=int, help=f"decompression-bomb limit in pixels (default {d.max_pixels})")
+    add("--max_image_bytes", type=parse_size,
+        help="per-image byte limit, checked from a file's size or a tar member's header before reading: larger "
+             "files are skipped unread and listed, e.g. 512M (default 1G)")
+    add("--read_timeout", type=float,
+        help=f"seconds a shard may send no data before it is given up as unreadable (stalled) and left for a "
+             f"re-run (default {d.read_timeout:g})")
     add("--background", type=int, nargs=3, metavar=("R", "G", "B"), help="colour behind transparency (default white)")
     flag(parser, "flip", "also store the latents of the mirrored image")
     add("--compute_dtype", choices=("auto", *DTYPE_NAMES),
@@ -114,6 +122,14 @@ def add_pipeline_arguments(parser):
     add("--num_workers", type=int, help=f"DataLoader processes decoding and resizing (default {d.num_workers})")
     flag(parser, "channels_last", "channels-last convolutions (default on)")
     flag(parser, "compile", "torch.compile the encoder (pays off on large data sets)")
+
+
+def parse_size(text):
+    """Bytes from '1073741824', '512M' or '1G' (an argparse type: a bad value is a usage error)."""
+    try:
+        return parse_bytes(text)
+    except VaekitError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size: use bytes or a number with K, M or G") from None
 
 
 def run_encode(args):

@@ -11,12 +11,15 @@ def register(subparsers):
     """Add reconstruct, sample and interpolate."""
     p = add_command(
         subparsers, "reconstruct", "encode and decode images of any size (tiled, seam-free) and write the PNGs",
-        "Encode and decode image files of any size and write <stem>.png for each; tiles are exact and only used "
-        "when needed (--tile auto), and a half-precision pass that overflows is redone in fp32.",
+        "Encode and decode image files of any size, and the images in folders, and write <stem>.png for each "
+        "(<folder>/<path>.png for images found in a folder argument); tiles are exact and only used when needed "
+        "(--tile auto), and a half-precision pass that overflows is redone in fp32. What cannot be read is "
+        "skipped with its reason.",
     )
     add_model_arguments(p, name="vae", positional=False)
-    p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--out", required=True, help="folder for the reconstructions (<stem>.png each)")
+    p.add_argument("images", nargs="+", help="image files or folders of images (searched recursively)")
+    p.add_argument("--out", required=True,
+                   help="folder for the reconstructions: <stem>.png for each file, <folder>/<path>.png inside folders")
     p.add_argument("--tile", default="auto",
                    help="auto (default: tile when the untiled pass would not fit memory), off, or a tile size in px")
     p.add_argument("--overlap", type=int,
@@ -63,9 +66,10 @@ def run_reconstruct(args):
     device = resolve_device(args.device)
     vae = load_model_from_args(args, name="vae", device=device, dtype=DTYPES[args.dtype])
     tile = tile_option(vae, args.tile, args.overlap)
-    failed = []
+    failed, results = [], 0
     for result in reconstruct_files(vae, args.images, args.out, tile, args.overlap, args.memory_budget,
                                     args.sample, args.seed):
+        results += 1
         if "error" in result:
             failed.append(result)
             print(f"skipped {result['image']}: {result['error']}")
@@ -75,11 +79,11 @@ def run_reconstruct(args):
         width, height = result["size"]
         shown = "inf" if math.isinf(result["psnr"]) else f"{result['psnr']:.2f}"
         print(f"{result['image']} -> {result['path']}  {width}x{height}  {result['seconds']:.2f} s  PSNR {shown} dB")
-    if len(failed) == len(args.images):
+    if len(failed) == results:
         raise VaekitError(f"Image not found or not readable, none of {len(failed)} written (first: "
                           f"{failed[0]['error']})")
     if failed:
-        print(f"{len(failed)} of {len(args.images)} image(s) could not be read and were skipped: "
+        print(f"{len(failed)} of {results} image(s) could not be read and were skipped: "
               f"{', '.join(str(r['image']) for r in failed)}; the others were written.")
         return 1
     return 0

@@ -10,7 +10,7 @@ import warnings
 from vaekit import __version__
 from vaekit.cli import cache, evaluate, images, model, probe, train, weights
 from vaekit.cli.args import Parser
-from vaekit.errors import VaekitError
+from vaekit.errors import VaekitError, plain_text
 
 COMMAND_GROUPS = (model, weights, train, cache, evaluate, probe, images)
 
@@ -70,7 +70,7 @@ def main(argv=None):
     try:
         return args.func(args) or 0
     except VaekitError as e:
-        print(f"vaekit {args.command}: error: {e}", file=sys.stderr)
+        print(f"vaekit {args.command}: error: {plain_text(e)}", file=sys.stderr)
         leave_process_group()
         return 2
     except KeyboardInterrupt:

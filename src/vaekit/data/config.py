@@ -13,6 +13,15 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", "
 # limit (2 x Image.MAX_IMAGE_PIXELS = 179 MP), so by default this check is the one that fires.
 DEFAULT_MAX_PIXELS = 128 * 1024 * 1024
 
+# 1 GiB: a file's size (or a tar member's declared size) is checked against it before a byte is read,
+# so one huge file never fills memory. It admits every image under DEFAULT_MAX_PIXELS stored without
+# compression at 8 bits with alpha (537 MB) or at 16 bits per RGB channel (805 MB).
+DEFAULT_MAX_IMAGE_BYTES = 1024 ** 3
+
+# Seconds a shard read may go without a byte (a stalled `pipe:` command, a hung download) before the
+# shard is given up as unreadable.
+DEFAULT_READ_TIMEOUT = 300.0
+
 CropMode = typing.Literal["random", "resize_random", "center"]
 SmallImagePolicy = typing.Literal["upscale", "skip", "pad"]
 CROP_MODES = typing.get_args(CropMode)
@@ -37,6 +46,8 @@ class DataConfig:
     min_size: int = 16  # images with a shorter side are skipped as junk (icons, tracking pixels)
     background: list[int] = dataclasses.field(default_factory=lambda: [255, 255, 255])  # behind transparency
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # decompression-bomb limit; None: Pillow's only
+    max_image_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES  # larger files are skipped unread; None: no limit
+    read_timeout: float | None = DEFAULT_READ_TIMEOUT  # seconds without a byte before a shard is given up
     holdout: float = 0.05  # validation images: a fraction (< 1) or a count (>= 1), chosen by key hash
     # Read WebDataset shards as a stream (vaekit.data.streaming) instead of indexing them: auto streams
     # what cannot be indexed (pipe:, URLs, .tar.gz / .tgz), on streams any shards, off always indexes.
@@ -50,3 +61,12 @@ class DataConfig:
             raise ValueError(f"background must be three values 0-255, got {self.background}")
         if self.size < 1 or self.min_size < 0 or self.num_workers < 0:
             raise ValueError("size must be >= 1, min_size and num_workers >= 0")
+        check_read_limits(self.max_image_bytes, self.read_timeout)
+
+
+def check_read_limits(max_image_bytes, read_timeout):
+    """Refuse a byte limit or read timeout that is not positive (None switches either off)."""
+    if max_image_bytes is not None and max_image_bytes < 1:
+        raise ValueError(f"max_image_bytes must be a positive number of bytes (or null: no limit), got {max_image_bytes}")
+    if read_timeout is not None and not read_timeout > 0:
+        raise ValueError(f"read_timeout must be a positive number of seconds (or null: wait forever), got {read_timeout}")

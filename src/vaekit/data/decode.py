@@ -1,7 +1,9 @@
 """Robust image decoding: `decode_image(source)` gives an RGB PIL image or raises `ImageError`.
 
 `ImageError.reason` is a short, stable string ("zero-byte file", "truncated image", "not an image",
-"corrupt image", "too many pixels (N > limit)", ...) that runs count and list skipped images by.
+"corrupt image", "too many pixels (N > limit)", "too many bytes (N > limit)", ...) that runs count
+and list skipped images by. Sizes are checked before bytes are read: a file's size (stat) against
+`max_bytes`, an image header's pixel count against `max_pixels`.
 """
 
 import errno
@@ -15,8 +17,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from vaekit.data.config import DEFAULT_MAX_PIXELS
-from vaekit.errors import VaekitError
+from vaekit.data.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
+from vaekit.errors import VaekitError, describe_exception, plain_text
 
 
 # Magic numbers of the formats above: a file that starts like one but does not open is corrupt,
@@ -30,26 +32,28 @@ class ImageError(VaekitError):
     def __init__(self, reason, where=None, detail=None):
         self.reason = reason
         self.where = where
-        self.detail = detail
+        self.detail = plain_text(detail) if detail else detail  # a library's message, as one line of words
         text = f"{where}: {reason}" if where else reason
-        if detail:
-            text += f" ({detail})"
-        super().__init__(f"{text}. Fix or remove the file; runs skip and list such images.")
+        if self.detail:
+            text += f" ({self.detail})"
+        super().__init__(plain_text(f"{text}. Fix or remove the file; runs skip and list such images."))
 
     def __reduce__(self):  # keep reason/where/detail when sent between processes
         return (type(self), (self.reason, self.where, self.detail))
 
 
-def decode_image(source, background=(255, 255, 255), max_pixels=DEFAULT_MAX_PIXELS):
+def decode_image(source, background=(255, 255, 255), max_pixels=DEFAULT_MAX_PIXELS,
+                 max_bytes=DEFAULT_MAX_IMAGE_BYTES):
     """Decode a path, bytes, file object or PIL image to an RGB PIL image, or raise ImageError.
 
     EXIF orientation is applied; transparency is composited on `background`; animations give their
-    first frame; `max_pixels` (None: no limit of ours) is checked from the header before decoding.
+    first frame; `max_pixels` (None: no limit of ours) is checked from the header before decoding,
+    `max_bytes` (None: no limit) from a file's size before it is read.
     """
     where = str(source) if isinstance(source, (str, os.PathLike)) else None
     data = b""
     if not isinstance(source, Image.Image):
-        data = _read_all(source, where)
+        data = _read_all(source, where, max_bytes)
         if not data:
             raise ImageError("zero-byte file", where)
         _check_webp_length(data, where)
@@ -77,15 +81,16 @@ def decode_image(source, background=(255, 255, 255), max_pixels=DEFAULT_MAX_PIXE
         raise ImageError("too large to decode", where) from None
     except Exception as e:  # Pillow's plugins raise OSError, SyntaxError, ValueError, struct.error, ...
         reason = "truncated image" if "truncated" in str(e).lower() or isinstance(e, EOFError) else "corrupt image"
-        raise ImageError(reason, where, f"{type(e).__name__}: {e}") from None
+        raise ImageError(reason, where, describe_exception(e)) from None
 
 
-def read_image_file(path):
+def read_image_file(path, max_bytes=DEFAULT_MAX_IMAGE_BYTES):
     """The bytes of the regular file at `path`, or ImageError; never blocks and never follows a symlink loop.
 
     The file is opened non-blocking and checked before reading: a FIFO named like an image would
-    otherwise block the reader forever, a device file would stream without end. O_NONBLOCK changes
-    nothing for regular files.
+    otherwise block the reader forever, a device file would stream without end, a folder cannot be
+    read. O_NONBLOCK changes nothing for regular files. A file over `max_bytes` is refused by its
+    size and never read; one that grows past it while being read stops at max_bytes + 1 bytes.
     """
     where = str(path)
     try:
@@ -93,15 +98,51 @@ def read_image_file(path):
     except FileNotFoundError:
         raise ImageError("file not found", where) from None
     except OSError as e:
-        raise ImageError(OPEN_ERRORS.get(e.errno, "unreadable file"), where, f"{type(e).__name__}: {e}") from None
-    with os.fdopen(fd, "rb") as f:
-        kind = file_kind(os.fstat(f.fileno()).st_mode)
+        raise ImageError(OPEN_ERRORS.get(e.errno, "unreadable file"), where, describe_exception(e)) from None
+    try:
+        info = os.fstat(fd)  # before wrapping the descriptor in a file object, which refuses folders with a raw error
+        kind = file_kind(info.st_mode)
         if kind != "regular file":
             raise ImageError("not a regular file", where, kind)
-        try:
-            return f.read()
-        except OSError as e:
-            raise ImageError("unreadable file", where, f"{type(e).__name__}: {e}") from None
+        check_size(info.st_size, max_bytes, where)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = read_at_most(f, max_bytes, info.st_size)
+    except OSError as e:
+        raise ImageError("unreadable file", where, describe_exception(e)) from None
+    finally:
+        os.close(fd)
+    check_size(len(data), max_bytes, where)
+    return data
+
+
+def read_at_most(f, max_bytes, expected=None):
+    """The rest of binary file `f`, stopping after max_bytes + 1 bytes (None: no limit).
+
+    Reads the `expected` size (a stat's) in one call and only then in pieces, so no buffer is ever
+    sized by the limit instead of the file.
+    """
+    want = (expected if expected is not None else 1 << 20) + 1
+    if max_bytes is not None:
+        want = min(want, max_bytes + 1)
+    data = f.read(want)
+    if len(data) < want or (max_bytes is not None and len(data) > max_bytes):
+        return data
+    pieces = [data]
+    total = len(data)
+    while max_bytes is None or total <= max_bytes:  # the file grew, or its size was unknown
+        piece = f.read(1 << 20 if max_bytes is None else min(1 << 20, max_bytes + 1 - total))
+        if not piece:
+            break
+        pieces.append(piece)
+        total += len(piece)
+    return b"".join(pieces)
+
+
+def check_size(size, max_bytes, where=None):
+    """Raise ImageError when an image file of `size` bytes is over `max_bytes` (None: no limit)."""
+    if max_bytes is not None and size > max_bytes:
+        raise ImageError(f"too many bytes ({size} > {max_bytes})", where,
+                         "over the per-image byte limit, max_image_bytes; raise it to read such files")
 
 
 # Why a file could not be opened, by errno; the reason strings runs list skipped images by.
@@ -124,14 +165,17 @@ def file_kind(mode):
     return "special file"
 
 
-def _read_all(source, where):
-    """Bytes of a path, bytes-like or file object; a missing or unreadable file is an ImageError."""
+def _read_all(source, where, max_bytes):
+    """Bytes of a path, bytes-like or file object, at most `max_bytes`; a missing or unreadable file is an ImageError."""
     if isinstance(source, (bytes, bytearray, memoryview)):
+        check_size(len(source), max_bytes, where)
         return bytes(source)
     if isinstance(source, (str, os.PathLike)):
-        return read_image_file(source)
+        return read_image_file(source, max_bytes)
     if hasattr(source, "read"):
-        return source.read()
+        data = read_at_most(source, max_bytes)
+        check_size(len(data), max_bytes, where)
+        return data
     raise TypeError(f"decode_image takes a path, bytes, a file object or a PIL image, not {type(source).__name__}")
 
 

@@ -1,6 +1,6 @@
 """Image sources: `open_source(spec)` gives an indexed, deterministic list of images.
 
-A `Source` is a sequence of `Record`s (key, local path or None, a `read_bytes()` callable) over an
+A `Source` is a sequence of `Record`s (key, local path or None, a `read_bytes(max_bytes)` callable) over an
 image folder, a Hugging Face `datasets` data set, WebDataset tar shards or `builtin:photos`.
 `source.subset(range(rank, len(source), world))` splits it across processes.
 """
@@ -16,10 +16,10 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from vaekit.data.config import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
-from vaekit.data.decode import OPEN_ERRORS, ImageError, decode_image, file_kind, read_image_file
-from vaekit.data.shards import expand_shards
-from vaekit.errors import VaekitError
+from vaekit.data.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
+from vaekit.data.decode import OPEN_ERRORS, ImageError, check_size, decode_image, file_kind, read_image_file
+from vaekit.data.shards import RENAMED_KEY, expand_shards, image_fields, renamed_key, shard_labels, tar_samples
+from vaekit.errors import VaekitError, describe_exception
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,21 +28,21 @@ class Record:
 
     key: str
     path: str | None
-    read_bytes: typing.Callable[[], bytes]
+    read_bytes: typing.Callable[..., bytes]  # read_bytes(max_bytes=None): refuses a file over max_bytes unread
 
-    def decode(self, background=(255, 255, 255), max_pixels=DEFAULT_MAX_PIXELS):
+    def decode(self, background=(255, 255, 255), max_pixels=DEFAULT_MAX_PIXELS, max_bytes=DEFAULT_MAX_IMAGE_BYTES):
         """Read and decode this image to RGB; errors name the key or path."""
         where = self.path or self.key
         try:
-            data = self.read_bytes()
+            data = self.read_bytes(max_bytes=max_bytes)
         except ImageError as e:
             raise ImageError(e.reason, where, e.detail) from None
         except FileNotFoundError:
             raise ImageError("file not found", where) from None
         except OSError as e:
-            raise ImageError("unreadable file", where, f"{type(e).__name__}: {e}") from None
+            raise ImageError("unreadable file", where, describe_exception(e)) from None
         try:
-            return decode_image(data, background=background, max_pixels=max_pixels)
+            return decode_image(data, background=background, max_pixels=max_pixels, max_bytes=max_bytes)
         except ImageError as e:
             raise ImageError(e.reason, where, e.detail) from None
 
@@ -53,16 +53,19 @@ class Source(Sequence):
     Every process that opens the same spec sees the same order, so `subset` splits it the same way
     in DataLoader workers and across ranks. A Source pickles (it holds paths and offsets, no handles).
     `skipped` lists what the source left out when it was opened ({"key", "path", "reason"}: special
-    files, symlink loops, unreadable files), for the run to report with its own skipped images.
+    files, symlink loops, unreadable files, tar members that give no image, repeated keys), for the
+    run to report with its own skipped images; `renamed` the images stored under another key than
+    their own ({"key", "path", "reason", "detail"}: a key an earlier shard already has).
     """
 
-    def __init__(self, description, keys, paths, reader, positions=None, skipped=()):
+    def __init__(self, description, keys, paths, reader, positions=None, skipped=(), renamed=()):
         self.description = description
         self._keys = keys
         self._paths = paths
-        self._reader = reader  # picklable object with read(position) -> bytes
+        self._reader = reader  # picklable object with read(position, max_bytes) -> bytes
         self._positions = range(len(keys)) if positions is None else positions
         self.skipped = list(skipped)
+        self.renamed = list(renamed)
 
     def __len__(self):
         return len(self._positions)
@@ -80,7 +83,7 @@ class Source(Sequence):
     def subset(self, indices):
         """A Source over the given indices of this one (for holdout splits and per-rank shards)."""
         positions = [self._positions[i] for i in indices]
-        return Source(self.description, self._keys, self._paths, self._reader, positions, self.skipped)
+        return Source(self.description, self._keys, self._paths, self._reader, positions, self.skipped, self.renamed)
 
     def __repr__(self):
         return f"<Source {self.description}: {len(self)} images>"
@@ -92,8 +95,8 @@ class _FileReader:
     def __init__(self, paths):
         self.paths = paths
 
-    def read(self, position):
-        return read_image_file(self.paths[position])
+    def read(self, position, max_bytes=DEFAULT_MAX_IMAGE_BYTES):
+        return read_image_file(self.paths[position], max_bytes)
 
 
 class _TarReader:
@@ -102,8 +105,9 @@ class _TarReader:
     def __init__(self, entries):
         self.entries = entries  # [(tar path, data offset, size)]
 
-    def read(self, position):
+    def read(self, position, max_bytes=DEFAULT_MAX_IMAGE_BYTES):
         path, offset, size = self.entries[position]
+        check_size(size, max_bytes)  # the member's declared size: an oversized one is never read
         with open(path, "rb") as f:
             f.seek(offset)
             data = f.read(size)
@@ -120,19 +124,18 @@ class _HFReader:
         self.column = column
         self.base_dir = base_dir
 
-    def read(self, position):
+    def read(self, position, max_bytes=DEFAULT_MAX_IMAGE_BYTES):
         value = self.dataset[position][self.column]
         if isinstance(value, dict):
-            if value.get("bytes"):
-                return value["bytes"]
-            value = value.get("path")
+            value = value.get("bytes") or value.get("path")
         if isinstance(value, (bytes, bytearray)):
+            check_size(len(value), max_bytes)  # already in memory (Arrow), but over the limit all the same
             return bytes(value)
         if isinstance(value, str) and value:
             path = Path(value)
             if not path.is_absolute() and self.base_dir is not None:
                 path = Path(self.base_dir) / path
-            return path.read_bytes()
+            return read_image_file(path, max_bytes)
         raise ImageError("empty image field", None, f"column '{self.column}' holds {type(value).__name__}")
 
 
@@ -274,10 +277,17 @@ def _detect_kind(spec):
 
 def _open_folder(spec):
     root = Path(spec)
-    skipped = []
-    files = list_images(root, skipped)
-    keys = [display_text(f.relative_to(root).as_posix()) for f in files]
-    paths = [os.path.realpath(f) for f in files]
+    skipped, keys, paths, seen = [], [], [], set()
+    for file in list_images(root, skipped):
+        key = display_text(file.relative_to(root).as_posix())
+        if key in seen:
+            # Only a name that is not UTF-8 (written with \xNN escapes) beside one literally named with
+            # those escapes can repeat a key; as in a shard, the first file keeps it.
+            skipped.append({"key": key, "path": str(file), "reason": "duplicate key"})
+            continue
+        seen.add(key)
+        keys.append(key)
+        paths.append(os.path.realpath(file))
     return Source(f"image folder {display_text(str(root))}", keys, paths, _FileReader(paths), skipped=skipped)
 
 
@@ -300,47 +310,49 @@ def _open_builtin(spec):
 
 
 def _open_webdataset(spec, field=None):
-    """Index tar shards once: group members by WebDataset key, keep the image member's offset."""
-    from webdataset.tariterators import base_plus_ext  # WebDataset's own key/extension split
+    """Index tar shards once: group members into samples as a stream would, keep each image member's offset.
 
-    shards = [Path(url) for url in expand_shards(spec)]  # one shard-list rule for indexed and streamed
-    wanted = (field.lower(),) if field else tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
-    keys, entries = [], []
-    used = set()
-    for shard in shards:
+    Every member is accounted for as in a streamed read (`vaekit.data.shards.tar_samples`): what
+    gives no image is listed in `skipped`. A key an earlier shard already has is renamed KEY@SHARD
+    and listed in `renamed`: the same rule `vaekit encode` applies to streamed shards.
+    """
+    urls = expand_shards(spec)  # one shard-list rule for indexed and streamed
+    wanted = image_fields(field)
+    keys, entries, skipped, renamed, first = [], [], [], [], {}
+    for url, label in zip(urls, shard_labels(urls)):
         try:
             # 'r:' = uncompressed only: offsets into a .tar.gz would need decompressing everything before them.
-            with tarfile.open(shard, "r:") as tar:
+            with tarfile.open(url, "r:") as tar:
                 members = tar.getmembers()
         except (tarfile.TarError, OSError) as e:
             raise VaekitError(
-                f"Cannot index {shard} as an uncompressed tar ({e}). WebDataset shards must be plain .tar files "
+                f"Cannot index {url} as an uncompressed tar ({e}). WebDataset shards must be plain .tar files "
                 "(decompress .tar.gz first)."
             ) from None
-        chosen = {}  # key -> (rank of the field in `wanted`, member), first key occurrence fixes the order
-        for member in members:
-            if not member.isfile():
+        # The byte limit is checked when a member is read, with the reader's limit.
+        for key, found in tar_samples(members, wanted, None, lambda member: (member.offset_data, member.size)):
+            key = display_text(key)
+            if isinstance(found, ImageError):
+                skipped.append({"key": key, "path": url, "reason": found.reason})
                 continue
-            base, ext = base_plus_ext(member.name)
-            if base is None or os.path.basename(base).startswith("."):
-                continue
-            ext = ext.lower()
-            if ext in wanted:
-                rank = wanted.index(ext)
-                if base not in chosen or rank < chosen[base][0]:
-                    chosen[base] = (rank, member)
-        for base, (_, member) in chosen.items():
-            # Keys should be unique across shards; a repeat gets its shard's name so none is lost.
-            key = base if base not in used else f"{shard.name}/{base}"
-            used.add(key)
+            if key in first:
+                renamed.append({"key": key, "path": url, "reason": RENAMED_KEY,
+                                "detail": f"stored as {renamed_key(key, label)}: the earlier shard {first[key]} has "
+                                          f"the key {key}"})
+                key = renamed_key(key, label)
+                if key in first:  # only for a shard name without a dot
+                    skipped.append({"key": key, "path": url, "reason": "duplicate key"})
+                    continue
+            first[key] = label
             keys.append(key)
-            entries.append((str(shard), member.offset_data, member.size))
+            entries.append((url, *found))
     if not keys:
         raise VaekitError(
             f"No images found in the shards {spec} (looked for members ending in {', '.join(wanted)}). "
             "Name the image field with image_column=EXT."
         )
-    return Source(f"webdataset {spec} ({len(shards)} shards)", keys, [None] * len(keys), _TarReader(entries))
+    return Source(f"webdataset {spec} ({len(urls)} shards)", keys, [None] * len(keys), _TarReader(entries),
+                  skipped=skipped, renamed=renamed)
 
 
 def _open_hf(spec, split, image_column, key_column):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from vaekit.data.config import IMAGE_EXTENSIONS
+from vaekit.data.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_READ_TIMEOUT, IMAGE_EXTENSIONS
 from vaekit.data.crops import train_pixels
 from vaekit.data.decode import ImageError, decode_image
 from vaekit.data.shards import expand_shards, is_local, looks_like_shards, shard_samples
@@ -75,11 +75,13 @@ class StreamingImages(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, urls, field=None, size=256, crop="resize_random", flip=True, small_images="upscale",
-                 min_size=16, background=(255, 255, 255), max_pixels=None, seed=0, order_seed=0, held_head=None):
+                 min_size=16, background=(255, 255, 255), max_pixels=None, seed=0, order_seed=0, held_head=None,
+                 max_image_bytes=DEFAULT_MAX_IMAGE_BYTES, read_timeout=DEFAULT_READ_TIMEOUT):
         self.urls, self.field = list(urls), field
         self.size, self.crop, self.flip = size, crop, flip
         self.small_images, self.min_size, self.background = small_images, min_size, tuple(background)
         self.max_pixels, self.seed, self.order_seed = max_pixels, seed, order_seed
+        self.max_image_bytes, self.read_timeout = max_image_bytes, read_timeout
         self.held_head = dict(held_head or {})  # shard index -> leading samples held out for validation
         self.rank, self.world, self.workers, self.rotation = 0, 1, 1, 0
         self.starts = [None]  # per worker stream: (epoch, slot, sample) to start at, None for the beginning
@@ -116,7 +118,7 @@ class StreamingImages(torch.utils.data.IterableDataset):
         first = max(skip, self.held_head.get(index, 0))
         read = 0
         try:
-            for i, (key, data) in enumerate(shard_samples(url, self.field)):
+            for i, (key, data) in enumerate(shard_samples(url, self.field, self.max_image_bytes, self.read_timeout)):
                 read = i + 1
                 if i < first:
                     continue  # consumed before the resume, or held out: not decoded
@@ -144,7 +146,7 @@ class _HeldReader:
     def __init__(self, samples):
         self.samples = samples
 
-    def read(self, position):
+    def read(self, position, max_bytes=DEFAULT_MAX_IMAGE_BYTES):
         data = self.samples[position]
         if isinstance(data, ImageError):
             raise data
@@ -166,7 +168,7 @@ def open_stream(config, order_seed):
         last = urls[-1]
         keys, samples = [], []
         try:
-            for key, data in shard_samples(last, config.image_column):
+            for key, data in shard_samples(last, config.image_column, config.max_image_bytes, config.read_timeout):
                 if len(keys) == count:
                     break
                 keys.append(key)
@@ -180,7 +182,8 @@ def open_stream(config, order_seed):
     train = StreamingImages(urls, config.image_column, size=config.size, crop=config.crop, flip=config.flip,
                             small_images=config.small_images, min_size=config.min_size, background=config.background,
                             max_pixels=config.max_pixels, seed=config.seed, order_seed=order_seed,
-                            held_head={len(urls) - 1: count} if count else None)
+                            held_head={len(urls) - 1: count} if count else None,
+                            max_image_bytes=config.max_image_bytes, read_timeout=config.read_timeout)
     return train, held
 
 
@@ -190,7 +193,7 @@ def check_stream(stream, rank, world):
         raise VaekitError(f"{len(stream.urls)} shards cannot feed {world} processes: each process streams whole "
                           f"shards. Split the data into at least {world} shards (ideally many per process).")
     first = stream.urls[epoch_shards(len(stream.urls), stream.order_seed, 0, rank, world, 0, 1)[0]]
-    samples = shard_samples(first, stream.field)
+    samples = shard_samples(first, stream.field, stream.max_image_bytes, stream.read_timeout)
     try:
         next(samples)
     except StopIteration:

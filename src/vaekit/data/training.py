@@ -2,7 +2,7 @@
 
 import torch
 
-from vaekit.data.config import CROP_MODES, DEFAULT_MAX_PIXELS, SMALL_IMAGE_POLICIES
+from vaekit.data.config import CROP_MODES, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, SMALL_IMAGE_POLICIES
 from vaekit.data.crops import train_pixels
 from vaekit.data.decode import ImageError
 from vaekit.data.sources import open_source, split_holdout
@@ -22,7 +22,8 @@ class TrainImageDataset(EpochSeeded, torch.utils.data.Dataset):
     """
 
     def __init__(self, source, size=256, crop="resize_random", flip=True, small_images="upscale", min_size=16,
-                 background=(255, 255, 255), max_pixels=DEFAULT_MAX_PIXELS, seed=0):
+                 background=(255, 255, 255), max_pixels=DEFAULT_MAX_PIXELS, seed=0,
+                 max_image_bytes=DEFAULT_MAX_IMAGE_BYTES):
         if crop not in CROP_MODES:
             raise VaekitError(f"crop must be one of {', '.join(CROP_MODES)}, got {crop!r}.")
         if small_images not in SMALL_IMAGE_POLICIES:
@@ -35,6 +36,7 @@ class TrainImageDataset(EpochSeeded, torch.utils.data.Dataset):
         self.min_size = min_size
         self.background = tuple(int(c) for c in background)
         self.max_pixels = max_pixels
+        self.max_image_bytes = max_image_bytes
         self.seed = seed
 
 
@@ -46,7 +48,7 @@ class TrainImageDataset(EpochSeeded, torch.utils.data.Dataset):
         record = self.source[index]
         rng = numpy_rng(self.seed, epoch, index)
         try:
-            img = record.decode(background=self.background, max_pixels=self.max_pixels)
+            img = record.decode(background=self.background, max_pixels=self.max_pixels, max_bytes=self.max_image_bytes)
             pixels = train_pixels(img, rng, self.size, self.crop, self.flip, self.small_images, self.min_size,
                                   self.background)
         except ImageError as e:
@@ -80,7 +82,8 @@ def build_train_val(config, val_size=None, order_seed=0):
     `order_seed`) and the first `holdout` samples of the last shard as held-out images.
     """
     common = dict(size=config.size, small_images=config.small_images, min_size=config.min_size,
-                  background=config.background, max_pixels=config.max_pixels, seed=config.seed)
+                  background=config.background, max_pixels=config.max_pixels, max_image_bytes=config.max_image_bytes,
+                  seed=config.seed)
     if is_streamed(config.path, config.streaming, config.source):
         train, val_source = open_stream(config, order_seed)
     else:

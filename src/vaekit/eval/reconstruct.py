@@ -1,4 +1,4 @@
-"""Image files of any size through encode and decode to PNGs (`vaekit reconstruct`).
+"""Image files of any size, and the images in folders, through encode and decode to PNGs (`vaekit reconstruct`).
 
 Each image goes through vaekit.codec: padded to the downsampling factor and cropped back, tiled
 with image-wide GroupNorm statistics when asked (`tile="auto"` tiles when the untiled pass would not
@@ -14,32 +14,66 @@ from pathlib import Path
 from vaekit.codec.inference import encode_decode
 from vaekit.data.crops import to_pil, to_tensor
 from vaekit.data.decode import ImageError, decode_image
+from vaekit.data.sources import list_images
+from vaekit.errors import VaekitError
 from vaekit.eval.metrics import psnr
 from vaekit.eval.report import save_png
 
 
-def output_path(out, image, used):
-    """`out/<stem>.png`, with the parent folder's name added when two inputs share a stem."""
-    path = Path(out) / f"{Path(image).stem}.png"
+def expand_inputs(paths):
+    """[(image file, output path relative to --out, or None and the reason it is skipped)] for reconstruct's
+    arguments, in order. A folder gives its images, found as an image folder source finds them
+    (recursively; hidden, special and unreadable files skipped with their reason).
+
+    The output of an input is its path relative to the folder its argument is in, as a .png: a
+    file argument gives `<stem>.png`, a folder argument `<folder>/<path inside it>.png`, so
+    `reconstruct corpus/* --out recon/` mirrors corpus/ in recon/.
+    """
+    entries = []
+    for arg in map(Path, paths):
+        if not arg.is_dir():  # a file, or something that will fail to read with its own reason
+            entries.append((arg, Path(arg.name), None))
+            continue
+        name = Path(arg.name or arg.resolve().name)
+        skipped = []
+        try:
+            found = list_images(arg, skipped)
+        except VaekitError:
+            entries.append((arg, None, "a folder without images"))
+            continue
+        entries.extend((path, name / path.relative_to(arg), None) for path in found)
+        entries.extend((Path(item["path"]), None, item["reason"]) for item in skipped)
+    return entries
+
+
+def output_path(out, image, relative, used):
+    """`out/relative` as a .png; when another input has it, the image's folder name is added, then a number."""
+    path = Path(out) / relative.with_suffix(".png")
+    stem = relative.stem
     if path in used:
-        path = Path(out) / f"{Path(image).parent.name}_{Path(image).stem}.png"
+        path = path.with_name(f"{Path(image).parent.name}_{stem}.png")
     index = 1
     while path in used:
-        path = Path(out) / f"{Path(image).stem}_{index}.png"
+        path = path.with_name(f"{stem}_{index}.png")
         index += 1
     used.add(path)
     return path
 
 
 def reconstruct_files(vae, images, out, tile="auto", overlap=None, memory_budget=None, sample=False, seed=0):
-    """Reconstruct each image file into `out`; yields one result dict per input, in order.
+    """Reconstruct each image file (and each image inside a folder) into `out`; yields one result dict per
+    image, in order (see `expand_inputs` for folders and output names).
 
-    A result has "image", and either "error" (the image could not be decoded) or "path" (the PNG),
-    "size" (W, H), "seconds", "psnr" (dB against the input) and "warnings" (e.g. an fp32 retry).
+    A result has "image", and either "error" (it could not be read or decoded; it is skipped) or
+    "path" (the PNG), "size" (W, H), "seconds", "psnr" (dB against the input) and "warnings" (e.g. an
+    fp32 retry).
     """
     device = next(vae.parameters()).device
     used = set()
-    for image in images:
+    for image, relative, reason in expand_inputs(images):
+        if reason is not None:
+            yield {"image": image, "error": f"{image}: {reason}"}
+            continue
         try:
             x = to_tensor(decode_image(image))[None].to(device)  # (1, 3, H, W)
         except ImageError as e:
@@ -50,7 +84,7 @@ def reconstruct_files(vae, images, out, tile="auto", overlap=None, memory_budget
             warnings.simplefilter("always")
             y = encode_decode(vae, x, sample, [seed], tile, overlap, memory_budget)
         seconds = time.perf_counter() - start
-        path = output_path(out, image, used)
+        path = output_path(out, image, relative, used)
         save_png(to_pil(y[0]), path)
         value = float(psnr(x.cpu(), y.cpu().clamp(-1, 1))[0])
         yield {"image": image, "path": path, "size": (x.shape[-1], x.shape[-2]), "seconds": seconds,
