@@ -11,17 +11,23 @@ which shows as seams and colour drift; here no tile ever normalises on its own:
   stage's output is assembled whole and is the next stage's input; a stage ends only where its
   output is at most a quarter of the image's resolution, so what is held whole is small next to
   the full-resolution activations the tiles work on.
-- Inside a stage, tiles of the stage input run once per GroupNorm: pass k normalises the first k
-  GroupNorms with image-wide statistics measured in earlier passes, adds the moments of the (k+1)-th
-  GroupNorm's input over each tile's core (the part of the image the tile owns), and stops there.
-  After the last GroupNorm is measured, a final pass writes each tile's core into the stage output.
+- Inside a stage, exact mode (the default) runs the tiles once per GroupNorm: pass k normalises
+  the first k GroupNorms with image-wide statistics measured in earlier passes, adds the moments of
+  the (k+1)-th GroupNorm's input over each tile's core (the part of the image the tile owns), and
+  stops there. Each pass resumes every tile from the activations its previous pass stopped at (its
+  checkpoint: in memory up to an allowance, then in a spill file on the CPU, else recomputed; see
+  vaekit.codec.checkpoints). After the last GroupNorm is measured, a final pass writes each tile's
+  core into the stage output.
+- Fast mode measures the statistics once, on the stage run over every other pixel of its input,
+  then runs the tiles once (approximate; docs/tiling.md says where it drifts).
 - Each tile carries context around its core at least as wide as the stage's receptive field, so its
   core sees exactly the neighbourhood it has untiled; cores are pasted, never blended.
+- With a process group (vaekit.codec.parallel), each process runs a share of every stage's tiles;
+  moments and stage outputs are summed across processes exactly.
 
-The price is compute: a stage with n GroupNorms runs its tiles partially n times and fully once,
-about 2-4x the untiled cost in all. Memory is bounded by the tile, plus the whole stage inputs and
-outputs at their (lower) resolutions. The size rule, padding, tile="auto" and the fp32 retry live in
-vaekit.codec.inference.
+Memory is bounded by the tile, plus the whole stage inputs and outputs at their (lower)
+resolutions, plus the checkpoint allowance. The size rule, padding, tile="auto" and the fp32
+retry live in vaekit.codec.inference.
 """
 
 import contextlib
