@@ -297,18 +297,20 @@ def test_inspect_precision_flags_layers_that_overflow_fp16(tmp_path, model_dir, 
 
 
 @pytest.mark.slow  # a real benchmark run, 30 s on 2 cores: `make test-slow`
-def test_bench_tiling_script_runs_and_reports_exact_tiles(tmp_path, model_dir):
+def test_bench_tiling_script_runs_and_reports_every_variant(tmp_path, model_dir):
     make_photo(200, 200, seed=5).save(tmp_path / "photo.png")
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_tiling.py"
     done = subprocess.run(
         [sys.executable, str(script), "--vae", str(model_dir), "--image", str(tmp_path / "photo.png"), "--size", "192",
-         "--tile", "96", "--smaller_tiles", "88", "--threads", "1"],
+         "--tile", "96", "--threads", "1", "--json", str(tmp_path / "rows.json")],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in done.stdout.splitlines()
-            if line.startswith("| ") and not line.startswith("| variant")}
-    assert set(rows) == {"untiled", "vaekit tiled 96", "vaekit tiled 88", "diffusers tiled 96"}
-    for name in ("vaekit tiled 96", "vaekit tiled 88"):
-        assert float(rows[name][0]) > 100  # PSNR against untiled: exact up to rounding
-    assert float(rows["diffusers tiled 96"][0]) < float(rows["vaekit tiled 96"][0])
+    rows = {row["variant"]: row for row in json.loads((tmp_path / "rows.json").read_text())["rows"]}
+    assert set(rows) == {"untiled", "vaekit exact", "vaekit fast", "diffusers tiled"}
+    for row in rows.values():
+        assert {"variant", "psnr_vs_untiled", "peak_mib", "seconds", "tile"} <= set(row) and row["seconds"] > 0
+    assert rows["untiled"]["tile"] is None and rows["vaekit exact"]["tile"] == 96
+    assert rows["vaekit exact"]["psnr_vs_untiled"] > 100  # exact up to rounding
+    assert rows["diffusers tiled"]["psnr_vs_untiled"] < rows["vaekit fast"]["psnr_vs_untiled"] < 100
+    assert "| vaekit fast 96 |" in done.stdout

@@ -14,7 +14,8 @@ def register(subparsers):
         "Encode and decode image files of any size, and the images in folders, and write <stem>.png for each "
         "(<folder>/<path>.png for images found in a folder argument); tiles are exact and only used when needed "
         "(--tile auto), and a half-precision pass that overflows is redone in fp32. What cannot be read is "
-        "skipped with its reason.",
+        "skipped with its reason. Launched with torchrun --nproc_per_node N, the processes share each image's "
+        "tiles and rank 0 writes the PNGs.",
     )
     add_model_arguments(p, name="vae", positional=False)
     p.add_argument("images", nargs="+", help="image files or folders of images (searched recursively)")
@@ -25,6 +26,9 @@ def register(subparsers):
     p.add_argument("--overlap", type=int,
                    help="context pixels around each tile, a multiple of the factor (default: each stage's receptive "
                         "field, which makes tiles exact; smaller is faster and approximate)")
+    p.add_argument("--tile_mode", choices=("exact", "fast"), default="exact",
+                   help="exact (default: tiles equal the untiled result, one pass per GroupNorm) or fast (GroupNorm "
+                        "statistics estimated once from a subsampled pass, then one pass: faster, approximate)")
     p.add_argument("--memory_budget",
                    help="memory an untiled pass may use with --tile auto, e.g. 4G (default: free GPU or system memory)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
@@ -60,15 +64,24 @@ def run_reconstruct(args):
     """Reconstruct each image file into --out."""
     # torch and diffusers: only once the command runs
     from vaekit.codec.inference import tile_option
-    from vaekit.device import DTYPES, resolve_device
+    from vaekit.device import DTYPES, launched_processes, process_state, resolve_device
     from vaekit.eval.reconstruct import reconstruct_files
 
-    device = resolve_device(args.device)
+    group, rank = None, 0
+    if launched_processes() > 1:  # torchrun: every process runs a share of each image's tiles
+        import torch.distributed as dist
+
+        state = process_state()
+        device, group, rank = state.device, dist.group.WORLD, state.process_index
+    else:
+        device = resolve_device(args.device)
     vae = load_model_from_args(args, name="vae", device=device, dtype=DTYPES[args.dtype])
-    tile = tile_option(vae, args.tile, args.overlap)
+    tile = tile_option(vae, args.tile, args.overlap, args.tile_mode)
     failed, results = [], 0
     for result in reconstruct_files(vae, args.images, args.out, tile, args.overlap, args.memory_budget,
-                                    args.sample, args.seed):
+                                    args.sample, args.seed, args.tile_mode, group):
+        if rank != 0:  # rank 0 reports and writes
+            continue
         results += 1
         if "error" in result:
             failed.append(result)

@@ -18,6 +18,18 @@ def parse_tile(value):
     return value
 
 
+TILE_MODES = ("exact", "fast")
+
+
+def parse_tile_mode(value):
+    """'exact' or 'fast' from a CLI or API value (None: exact)."""
+    if value is None:
+        return "exact"
+    if value not in TILE_MODES:
+        raise VaekitError(f"tile_mode must be 'exact' or 'fast', got {value!r}.")
+    return value
+
+
 def parse_bytes(value):
     """Bytes from an int or a string like '512M', '4G', '2.5GB'."""
     if isinstance(value, (int, float)):

@@ -3,7 +3,8 @@
 Each image goes through vaekit.codec: padded to the downsampling factor and cropped back, tiled
 with image-wide GroupNorm statistics when asked (`tile="auto"` tiles when the untiled pass would not
 fit the memory budget, or after an out-of-memory error), and a half-precision batch that overflows
-is redone in fp32.
+is redone in fp32. tile_mode "fast" trades exactness for one pass of tiles; with a process group,
+every process runs a share of each image's tiles and the first one writes the PNGs.
 """
 
 import math
@@ -12,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from vaekit.codec.inference import encode_decode
+from vaekit.codec.parallel import Processes
 from vaekit.data.crops import to_pil, to_tensor
 from vaekit.data.decode import ImageError, decode_image
 from vaekit.data.sources import list_images
@@ -60,30 +62,39 @@ def output_path(out, image, relative, used):
     return path
 
 
-def reconstruct_files(vae, images, out, tile="auto", overlap=None, memory_budget=None, sample=False, seed=0):
+def reconstruct_files(vae, images, out, tile="auto", overlap=None, memory_budget=None, sample=False, seed=0,
+                      tile_mode="exact", group=None):
     """Reconstruct each image file (and each image inside a folder) into `out`; yields one result dict per
     image, in order (see `expand_inputs` for folders and output names).
 
     A result has "image", and either "error" (it could not be read or decoded; it is skipped) or
     "path" (the PNG), "size" (W, H), "seconds", "psnr" (dB against the input) and "warnings" (e.g. an
-    fp32 retry).
+    fp32 retry). With a process group, every process must call this with the same images; the group's
+    rank 0 writes the PNGs, the other processes yield {"image": ...} only.
     """
     device = next(vae.parameters()).device
+    processes = Processes(group)
     used = set()
     for image, relative, reason in expand_inputs(images):
         if reason is not None:
             yield {"image": image, "error": f"{image}: {reason}"}
             continue
         try:
-            x = to_tensor(decode_image(image))[None].to(device)  # (1, 3, H, W)
+            x, error = to_tensor(decode_image(image))[None].to(device), None  # (1, 3, H, W)
         except ImageError as e:
-            yield {"image": image, "error": str(e)}
+            x, error = None, str(e)
+        # An image one process cannot read is skipped by all, so none waits for the others' tiles.
+        if not processes.agree(error is None):
+            yield {"image": image, "error": error or "not readable on every process"}
             continue
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            y = encode_decode(vae, x, sample, [seed], tile, overlap, memory_budget)
+            y = encode_decode(vae, x, sample, [seed], tile, overlap, memory_budget, tile_mode, group)
         seconds = time.perf_counter() - start
+        if y is None:  # another process assembles the image
+            yield {"image": image}
+            continue
         path = output_path(out, image, relative, used)
         save_png(to_pil(y[0]), path)
         value = float(psnr(x.cpu(), y.cpu().clamp(-1, 1))[0])
