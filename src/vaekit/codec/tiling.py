@@ -570,6 +570,10 @@ class StageRun:
             oy, ox = int(origin[0] * unit.scale), int(origin[1] * unit.scale)
             assert y0 >= oy and x0 >= ox, "vaekit.codec.tiling: a crop outside the computed tile (internal error)"
             tensors = tuple(t[..., y0 - oy : y1 - oy, x0 - ox : x1 - ox] for t in tensors)
+            if self.store is None:
+                # A pass through the whole stage (fast mode) frees buffers of every size as it goes;
+                # handed back unit by unit, they do not pile up in the allocator's cache.
+                release_free_memory(self.x.device)
             origin = (y0, x0)
         if self.store is not None and begin < target < len(stage.units):
             if self.store.put(i, tensors, spill_ok=self.worth_spilling(begin, target, tensors)):
