@@ -26,6 +26,7 @@ from vaekit.errors import VaekitError
 from vaekit.io import atomic_folder
 from vaekit.model.architecture import (build_preset, cast_vae, config_keys, copy_vae, make_config, vae_config,
                                        vae_from_state_dict)
+from vaekit.model.card import model_card
 from vaekit.model.presets import PRESETS
 from vaekit.model.single_file import load_single_file, save_single_file
 from vaekit.train.checkpoint import is_training_checkpoint, load_checkpoint_vae
@@ -148,27 +149,34 @@ def load_vae(spec, overrides=None, device=None, dtype=None, weights="ema", seed=
     return vae
 
 
-def save_diffusers(vae, out_dir, dtype=None):
-    """Write a diffusers folder (config.json + diffusion_pytorch_model.safetensors) atomically.
+def save_diffusers(vae, out_dir, dtype=None, card=None, source=None):
+    """Write a diffusers folder (config.json + diffusion_pytorch_model.safetensors + README.md) atomically.
 
-    The folder is written under a temporary name and renamed into place, so an interrupted export
-    never leaves a folder that looks complete; an existing folder is replaced only after success.
+    README.md is the model card (`vaekit.model.card`): `card` when given, else the one `model_card`
+    writes for `vae` made from `source`. The folder is written under a temporary name and renamed
+    into place, so an interrupted export never leaves a folder that looks complete (or one without
+    its card); an existing folder is replaced only after success.
     """
+    text = card if card is not None else model_card(vae, out_dir, source=source)
     with atomic_folder(out_dir) as tmp:
         model = vae
         if dtype is not None:
             model = cast_vae(copy_vae(vae), dtype=dtype)
         model.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / "README.md").write_text(text, encoding="utf-8")
     return Path(out_dir)
 
 
-def write_model(vae, out, fmt, dtype=None):
-    """Write `vae` as a diffusers folder or one original-layout .safetensors; returns the path."""
+def write_model(vae, out, fmt, dtype=None, source=None):
+    """Write `vae` as a diffusers folder (with its model card) or one original-layout .safetensors; returns the path.
+
+    `source`: the model argument `vae` came from, named in the card.
+    """
     out = Path(out)
     if fmt == "diffusers":
         if out.suffix == ".safetensors":
             raise VaekitError(f"--out {out} names a file; the diffusers format is a folder. Pass a folder path.")
-        return save_diffusers(vae, out, dtype=dtype)
+        return save_diffusers(vae, out, dtype=dtype, source=source)
     path = out if out.suffix == ".safetensors" else out / "vae.safetensors"
     return save_single_file(vae, path, dtype=dtype)
 

@@ -259,3 +259,26 @@ def check_regularizers(config):
                               "encoder; use model.mode=scratch (which also fine-tunes an existing model).")
         if loss.align_max_adaptive_weight <= 0:
             raise VaekitError("loss.align_max_adaptive_weight must be positive.")
+
+
+def describe_losses(config, perceptual=True):
+    """The loss a run trains with, in words: 'L1 + 0.1 x LPIPS-Alex + 8.33e-08 x KL + ...'.
+
+    `perceptual`: whether the LPIPS term is on (a demo run without LPIPS weights drops it).
+    """
+    loss, disc = config.loss, config.disc
+    terms = [loss.reconstruction.upper()]
+    if perceptual and loss.perceptual_weight > 0:
+        terms.append(f"{loss.perceptual_weight:g} x LPIPS-{'Alex' if loss.perceptual_net == 'alex' else 'VGG'}")
+    if config.model.mode == "scratch" and loss.kl_weight > 0:
+        terms.append(f"{loss.kl_weight:.3g} x KL")
+    if disc.weight > 0:
+        terms.append(f"{disc.weight:g} x PatchGAN ({disc.loss}{', adaptive' if disc.adaptive else ''}"
+                     f"{f', from step {disc.start}' if disc.start else ''})")
+    if loss.equivariance_prob > 0:
+        terms.append(f"EQ-VAE (p {loss.equivariance_prob:g})")
+    if loss.scale_equivariance_weight > 0:
+        terms.append(f"{loss.scale_equivariance_weight:g} x scale equivariance")
+    if loss.align_weight > 0:
+        terms.append(f"{loss.align_weight:g} x alignment to {loss.align_model}")
+    return " + ".join(terms)
