@@ -30,11 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (what changes against the shipped recipe, overrides). "shipped" is configs/train/demo.yaml as it is.
 CANDIDATES = {
-    "c4_old": ("the previous demo recipe: 4 channels, 32 norm groups, 600 steps",
-               ["model.overrides={}", "loss.kl_weight=2.0833e-8", "train.steps=600", "loss.perceptual_weight=0.1"]),
-    "c16_g32": ("16 channels, the tiny preset's 32 norm groups (one channel per group at width 32)",
-                ["model.overrides={latent_channels: 16}"]),
-    "shipped": ("configs/train/demo.yaml as shipped", []),
+    "c4_old": ("the previous recipe: the tiny preset as is (4 channels, 32 norm groups), 600 steps, a data worker",
+               ["model.overrides={}", "loss.kl_weight=2.0833e-8", "train.steps=600", "data.num_workers=1",
+                "train.checkpoint_every=200", "validation.every=200"]),
+    "c32_g8": ("32 channels, 8 norm groups", ["model.overrides={latent_channels: 32, norm_num_groups: 8}",
+                                              "loss.kl_weight=1.6667e-7"]),
+    "c32_g32": ("32 channels, the tiny preset's 32 norm groups (one channel per group at width 32)",
+                ["model.overrides={latent_channels: 32}", "loss.kl_weight=1.6667e-7"]),
+    "shipped": ("configs/train/demo.yaml as shipped: 16 channels (SD3, FLUX), 8 norm groups, 900 steps", []),
 }
 
 

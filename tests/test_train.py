@@ -256,7 +256,7 @@ def test_shipped_configs_load_and_pass_checks():
     from vaekit.train import TrainConfig, check_config
 
     names = sorted(p.stem for p in (ROOT / "configs" / "train").glob("*.yaml"))
-    assert {"demo", "kl_f8c4_256", "kl_f8c16_256", "ft_decoder_mse", "ft_decoder_l1_lpips", "ft_eq",
+    assert {"demo", "demo_finetune", "kl_f8c4_256", "kl_f8c16_256", "ft_decoder_mse", "ft_decoder_l1_lpips", "ft_eq",
             "kl_f16c32_va"} <= set(names)
     for name in names:
         config = load_config(TrainConfig, ROOT / "configs" / "train" / f"{name}.yaml")
@@ -265,7 +265,10 @@ def test_shipped_configs_load_and_pass_checks():
         if name.startswith("kl_f8c"):
             channels = int(name.split("c")[1].split("_")[0])
             assert config.loss.kl_weight == pytest.approx(1e-6 * channels / 192, rel=1e-3)
-        if name.startswith("ft_decoder"):
+        if name == "demo":  # the same conversion at the demo's latent width
+            channels = config.model.overrides["latent_channels"]
+            assert config.loss.kl_weight == pytest.approx(1e-6 * channels / 192, rel=1e-3)
+        if name.startswith("ft_decoder") or name == "demo_finetune":
             assert config.model.mode == "decoder" and config.ema.enabled
     # The regularised recipes: the papers' settings (docs/training.md), and nothing else switched on.
     eq = load_config(TrainConfig, ROOT / "configs" / "train" / "ft_eq.yaml").loss
