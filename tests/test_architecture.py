@@ -90,6 +90,46 @@ def test_the_cycle_check_finds_a_cycle_through_a_function_level_import():
     assert imported_modules("vaekit.model.load", tree, {"vaekit.train", "vaekit.train.loop"}) == {"vaekit.train", "vaekit.train.loop"}
 
 
+# The layers from the bottom up (docs/architecture.md): a module imports its own layer and the layers below.
+LAYERS = (("foundation",), ("model",), ("codec", "data", "pretrained"), ("cache",), ("eval",), ("train",), ("cli",))
+
+# The one import against that order, by design: loading a model reads training checkpoints through
+# train.checkpoint, which imports nothing of train itself (checked below).
+UPWARD_BY_DESIGN = {("vaekit.model.load", "vaekit.train.checkpoint")}
+
+
+def layer_rank(module):
+    """The position in LAYERS of a vaekit module; the entry point `vaekit.__main__` belongs to the command line."""
+    parts = module.split(".")
+    group = "cli" if module == "vaekit.__main__" else parts[1] if len(parts) > 1 else "foundation"
+    return next((rank for rank, names in enumerate(LAYERS) if group in names), 0)
+
+
+def upward_imports(graph):
+    """'a -> b' for every import of a module from a higher layer, apart from UPWARD_BY_DESIGN."""
+    return sorted(f"{a} -> {b}" for a, bs in graph.items() for b in bs
+                  if layer_rank(b) > layer_rank(a) and (a, b) not in UPWARD_BY_DESIGN)
+
+
+def test_no_layer_imports_from_a_layer_above_it():
+    assert upward_imports(import_graph()) == []
+
+
+def test_the_layer_check_refuses_evaluation_reaching_into_training():
+    graph = {"vaekit.eval.diffusability": {"vaekit.train.regularizers", "vaekit.model.latents"},
+             "vaekit.eval.diagnostics": {"vaekit.train.losses"}, "vaekit.train.loop": {"vaekit.eval.metrics"}}
+    assert upward_imports(graph) == ["vaekit.eval.diagnostics -> vaekit.train.losses",
+                                     "vaekit.eval.diffusability -> vaekit.train.regularizers"]
+    tree = ast.parse("def f():\n    from vaekit.train.losses import kl_loss  # late\n")
+    known = {"vaekit.train.losses", "vaekit.eval.diagnostics"}
+    assert upward_imports({"vaekit.eval.diagnostics": imported_modules("vaekit.eval.diagnostics", tree, known)})
+
+
+def test_the_checkpoint_reader_that_model_loading_uses_needs_nothing_above_the_model():
+    above = {b for b in import_graph()["vaekit.train.checkpoint"] if layer_rank(b) > layer_rank("vaekit.model")}
+    assert above == set()
+
+
 def test_only_the_command_line_imports_the_command_line():
     leaks = [f"{a} -> {b}" for a, bs in import_graph().items() for b in bs
              if b.startswith("vaekit.cli") and not a.startswith("vaekit.cli") and a != "vaekit.__main__"]

@@ -9,7 +9,8 @@ import torch
 from imagegen import write_photos
 from vaekit.cli import main
 from vaekit.eval import diffusability
-from vaekit.eval.diffusability import SpectrumStatistics, equivariance_psnr, high_frequency_share, radial_frequency
+from vaekit.eval.diffusability import (RetentionStatistics, SpectrumStatistics, equivariance_psnr, hf_retention,
+                                      high_frequency_share, radial_frequency)
 from vaekit.model import build_preset, save_diffusers
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests share a small machine
@@ -131,3 +132,44 @@ def test_evaluate_reports_diffusability_per_model(images, two_vaes, tmp_path, ca
     html = (out / "report.html").read_text()
     assert "<h2>Diffusability</h2>" in html and 'id="diffusability"' in html and (out / "spectrum.png").is_file()
     assert measured["diffusability"]["verdict"] in html.replace("&#x27;", "'")
+
+
+# ---------------------------------------------------------------------------------------------------
+# High-frequency retention: how sharp reconstructions are
+
+
+def textured_images():
+    """Two 64 px images with detail at every frequency: smooth colour fields plus fine 8-bit noise."""
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(2, 3, 8, 8, generator=g), size=64, mode="bicubic")
+    fine = torch.rand(2, 3, 64, 64, generator=g) - 0.5
+    return ((smooth + 0.3 * fine).clamp(0, 1) * 255).round() / 127.5 - 1
+
+
+def test_hf_retention_of_the_input_itself_is_one():
+    x = textured_images()
+    assert torch.equal(hf_retention(x, x.clone()), torch.ones(2, dtype=torch.float64))
+    stats = RetentionStatistics()
+    stats.update(x, x.clone())
+    assert all(r == pytest.approx(1.0, abs=1e-12) for r in stats.bands()["ratio"][1:])
+
+
+def test_growing_blur_lowers_hf_retention_monotonically_and_noise_raises_it_above_one():
+    from torchvision.transforms.functional import gaussian_blur
+
+    x = textured_images()
+    values = [hf_retention(x, gaussian_blur(x, kernel_size=13, sigma=sigma)) for sigma in (0.4, 0.7, 1.0, 1.5, 2.5)]
+    for sharper, blurrier in zip(values, values[1:]):
+        assert (blurrier < sharper).all()
+    assert (values[0] < 1).all() and (values[-1] < 0.05).all()
+    # A blur's response falls with frequency: the per-band curve falls from about 1 near DC.
+    stats = RetentionStatistics()
+    stats.update(x, gaussian_blur(x, kernel_size=13, sigma=1.0))
+    ratio = stats.bands()["ratio"]
+    assert ratio[1] > 0.8 and ratio[-1] < 0.05 and ratio[-1] < ratio[len(ratio) // 2] < ratio[1]
+
+    noisy = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    assert (hf_retention(x, noisy) > 1.1).all()
+    # A flat image has no fine detail to keep: its ratio is undefined, not a number that skews a mean.
+    flat = torch.zeros(1, 3, 32, 32)
+    assert hf_retention(flat, flat).isnan().all()

@@ -68,6 +68,8 @@ def test_tiny_student_keeps_the_teacher_latent_space_resumes_bit_exactly_and_exp
     assert (student.config.scaling_factor, student.config.shift_factor) == (1.0, 0.0)
     assert max_diff(student.state_dict(), tensors(a / "ema.safetensors")) == 0
     assert fingerprint(load_vae(full / "taesd")) == fingerprint(load_vae(full / "vae"))  # none of ComfyUI's families
+    card = (full / "vae" / "README.md").read_text()  # the model card names the class and the teacher it learned from
+    assert "AutoencoderTiny.from_pretrained" in card and "distilled student of" in card and "taesd" in card
     assert sorted(p.name for p in (full / "taesd").iterdir()) == ["taesd_decoder.safetensors",
                                                                   "taesd_encoder.safetensors"]
     assert fingerprint(load_vae(a)) == fingerprint(load_vae(full / "vae"))  # a checkpoint is a model argument too

@@ -208,7 +208,7 @@ def evaluation(tiny_vae_dir, tmp_path_factory):
 
 def test_evaluate_writes_every_output(evaluation):
     assert {p.name for p in evaluation.iterdir()} == {"metrics.json", "per_image.csv", "report.html", "comparison.png",
-                                                     "spectrum.png"}
+                                                     "spectrum.png", "sharpness.png"}
     summary = json.loads((evaluation / "metrics.json").read_text())
     assert summary["data"]["images"] == 3
     assert summary["data"]["skipped"] == [{"key": "zz_truncated.png", "reason": "truncated image"}]
@@ -218,6 +218,8 @@ def test_evaluate_writes_every_output(evaluation):
     with open(evaluation / "per_image.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 9 and {r["vae"] for r in rows} == {"identity", "tiny", "tiny again"}
+    assert all(float(r["hf_retention"]) == 1.0 for r in rows if r["vae"] == "identity")
+    assert all(0 < float(r["hf_retention"]) for r in rows)
     with Image.open(evaluation / "comparison.png") as img:
         assert img.width > 4 * 64 and img.height > 2 * 64  # 2 rows of original, 2 reconstructions, 2 error maps
 
@@ -233,6 +235,8 @@ def test_identical_images_give_capped_psnr_zero_lpips_and_zero_rfid(evaluation, 
     assert identity["mean"]["lpips_alex"] == pytest.approx(0.0, abs=1e-6)
     assert identity["rfid"] == pytest.approx(0.0, abs=1e-6) and identity["rfid_images"] == 3
     assert identity["mean"]["colour_shift"] == 0.0
+    assert identity["mean"]["hf_retention"] == 1.0 and identity["std"]["hf_retention"] == 0.0
+    assert set(identity["hf_retention_bands"]["ratio"][1:]) == {1.0}
 
 
 def test_a_vae_compared_with_itself_scores_the_same(evaluation):
@@ -251,6 +255,10 @@ def test_report_is_self_contained_with_table_and_images(evaluation):
     sources = [s.split('"')[0] for s in page.split('src="')[1:]]
     assert len(sources) >= 2 * 5 and all(s.startswith("data:image/png;base64,") for s in sources)
     assert "zz_truncated.png" in page and "capped at 100 dB" in page
+    # The sharpness section: a row per real model (not the identity), its reading, and the per-band plot.
+    sharpness = page.split('id="sharpness"')[1].split("</table>")[0]
+    assert sharpness.count("<tr>") == 3 and "tiny again" in sharpness and "identity" not in sharpness
+    assert "HF retention" in page and "high-frequency retention per band" in page
 
 
 def test_report_opens_in_headless_chromium(evaluation, tmp_path):

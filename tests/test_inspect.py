@@ -10,7 +10,7 @@ from PIL import Image
 from imagegen import make_photo, write_photos
 from vaekit.codec import inference
 from vaekit.eval import diagnostics, sampling
-from vaekit.train.losses import kl_divergence
+from vaekit.model.latents import kl_divergence
 from vaekit.cli import main
 from vaekit.cache.stats import suggest_normalization
 from vaekit.model import build_preset, save_diffusers

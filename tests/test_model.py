@@ -122,6 +122,57 @@ def test_export_is_atomic_when_interrupted(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
+def card_parts(folder):
+    """(front matter as YAML, Markdown body, the usage snippet's code) of an export's README.md."""
+    import yaml
+
+    text = (folder / "README.md").read_text()
+    _, header, body = text.split("---\n", 2)
+    code = body.split("```python\n", 1)[1].split("```", 1)[0]
+    return yaml.safe_load(header), body, code
+
+
+def test_every_diffusers_export_carries_a_model_card_whose_snippet_runs(tmp_path, capsys):
+    out = tmp_path / "my-vae"
+    assert main(["export", "preset:sd3", "--out", str(out), "-o", "block_out_channels=[32,32,32,32]",
+                 "-o", "layers_per_block=1"]) == 0
+    header, body, code = card_parts(out)
+    assert header["library_name"] == "diffusers" and {"vae", "autoencoderkl", "vaekit"} <= set(header["tags"])
+    assert "base_model" not in header  # a preset has none
+    assert "| latent channels | 16 |" in body and "| scaling factor | 1.5305 |" in body
+    assert "| shift factor | 0.0609 |" in body and "random weights" in body
+    assert "StableDiffusion3Pipeline" in code  # 16-channel latents: the SD3 / FLUX family
+    # The snippet loads this folder and round-trips an image through the normalisation (the pipeline line
+    # needs the hub, so the snippet stops before it).
+    runnable = code.split("# In a pipeline")[0].replace("256, 256", "32, 32")
+    scope = {}
+    exec(runnable, scope)
+    assert scope["decoded"].shape == (1, 3, 32, 32) and scope["latents"].shape == (1, 16, 4, 4)
+
+    single = tmp_path / "again"
+    assert main(["convert", str(out), "--to", "diffusers", "--out", str(single)]) == 0
+    assert f"from `{out}`" in card_parts(single)[1]
+
+
+def test_a_card_names_a_hub_source_as_its_base_model(tmp_path):
+    from vaekit.model.card import model_card
+
+    vae = build_preset("tiny")
+    text = model_card(vae, tmp_path / "vae", source="stabilityai/sd-vae-ft-mse")
+    assert "base_model: stabilityai/sd-vae-ft-mse" in text and "StableDiffusionPipeline" in text
+    assert "base_model" not in model_card(vae, tmp_path / "vae", source=str(tmp_path / "local"))
+
+
+def test_the_card_is_written_with_the_export_or_not_at_all(tmp_path, monkeypatch):
+    out = tmp_path / "export"
+    save_diffusers(build_preset("tiny"), out, card="old card\n")
+    monkeypatch.setattr("pathlib.Path.write_text", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(Exception):
+        save_diffusers(build_preset("tiny"), out, card="new card\n")
+    monkeypatch.undo()
+    assert (out / "README.md").read_text() == "old card\n" and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
 def test_overrides_and_info(capsys):
     vae = load_vae("preset:tiny", overrides={"latent_channels": 8, "scaling_factor": 0.5})
     info = describe(vae)

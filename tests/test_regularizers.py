@@ -8,7 +8,8 @@ import torch
 from vaekit.errors import VaekitError
 from vaekit.pretrained.features import load_feature_model
 from vaekit.train import regularizers
-from vaekit.train.regularizers import LatentTransform, Plan, alignment_losses, transform_rng
+from vaekit.model.latents import LatentTransform
+from vaekit.train.regularizers import Plan, alignment_losses, transform_rng
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests share a small machine
 

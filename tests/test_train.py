@@ -125,7 +125,13 @@ def test_train_writes_run_folder_checkpoint_export_and_metrics(tmp_path, photos)
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 2 and metrics["step"] == 2
-    assert all(isinstance(metrics[k], float) for k in ("psnr", "ssim", "lpips"))
+    assert all(isinstance(metrics[k], float) for k in ("psnr", "ssim", "lpips", "hf_retention", "train_seconds"))
+    assert "latents_unchanged" not in metrics  # trained from scratch: no base to compare with
+    # The export's model card: what was trained, from what, on what, and its held-out metrics.
+    card = (out / "vae" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: diffusers\n") and "## Training" in card
+    assert "| source model | `preset:tiny` |" in card and "| steps | 2 x 2 images |" in card
+    assert f"{metrics['psnr']:.2f}" in card and "LPIPS-Alex" in card and "8 training images" in card
     from PIL import Image
 
     grid = Image.open(out / "reconstructions.png")
@@ -250,7 +256,7 @@ def test_shipped_configs_load_and_pass_checks():
     from vaekit.train import TrainConfig, check_config
 
     names = sorted(p.stem for p in (ROOT / "configs" / "train").glob("*.yaml"))
-    assert {"demo", "kl_f8c4_256", "kl_f8c16_256", "ft_decoder_mse", "ft_decoder_l1_lpips", "ft_eq",
+    assert {"demo", "demo_finetune", "kl_f8c4_256", "kl_f8c16_256", "ft_decoder_mse", "ft_decoder_l1_lpips", "ft_eq",
             "kl_f16c32_va"} <= set(names)
     for name in names:
         config = load_config(TrainConfig, ROOT / "configs" / "train" / f"{name}.yaml")
@@ -259,7 +265,10 @@ def test_shipped_configs_load_and_pass_checks():
         if name.startswith("kl_f8c"):
             channels = int(name.split("c")[1].split("_")[0])
             assert config.loss.kl_weight == pytest.approx(1e-6 * channels / 192, rel=1e-3)
-        if name.startswith("ft_decoder"):
+        if name == "demo":  # the same conversion at the demo's latent width
+            channels = config.model.overrides["latent_channels"]
+            assert config.loss.kl_weight == pytest.approx(1e-6 * channels / 192, rel=1e-3)
+        if name.startswith("ft_decoder") or name == "demo_finetune":
             assert config.model.mode == "decoder" and config.ema.enabled
     # The regularised recipes: the papers' settings (docs/training.md), and nothing else switched on.
     eq = load_config(TrainConfig, ROOT / "configs" / "train" / "ft_eq.yaml").loss
@@ -291,6 +300,20 @@ def test_decoder_mode_keeps_the_latent_space_bit_identical(tmp_path, photos):
     assert torch.equal(d0.mean, d1.mean) and torch.equal(d0.logvar, d1.logvar)
     changed = [k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])]
     assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+
+    # The run checks it too, and shows the base it started from beside the fine-tune.
+    from PIL import Image
+
+    from vaekit.model import encoder_fingerprint
+
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["latents_unchanged"] is True and metrics["encoder_fingerprint"] == encoder_fingerprint(before)
+    assert set(metrics["base"]) >= {"psnr", "ssim", "lpips", "hf_retention"} and metrics["base"]["psnr"] != metrics["psnr"]
+    with Image.open(tmp_path / "run" / "reconstructions.png") as grid:  # original | base | fine-tuned | 2 error maps
+        assert grid.width == 6 + 5 * (160 + 6)
+    card = (tmp_path / "run" / "vae" / "README.md").read_text()
+    assert "decoder fine-tune" in card and "bit-identical" in card and "the base, before fine-tuning" in card
+    assert encoder_fingerprint(load_vae(tmp_path / "run" / "vae")) == encoder_fingerprint(before)
 
 
 # ------------------------------------------------------------------------------------------------

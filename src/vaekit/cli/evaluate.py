@@ -86,8 +86,9 @@ def run_evaluate(args):
     config = config_from_args(EvaluateConfig, args)
     summary = evaluate(config, progress=not args.quiet)
     print_summary(summary)
-    print(f"wrote {Path(config.out) / 'report.html'} (and metrics.json, per_image.csv, comparison.png"
-          + (", spectrum.png)" if config.diffusability else ")"))
+    plots = [name for name in ("sharpness.png", "spectrum.png") if (Path(config.out) / name).is_file()]
+    print(f"wrote {Path(config.out) / 'report.html'} (and "
+          + ", ".join(["metrics.json", "per_image.csv", "comparison.png", *plots]) + ")")
     return 0
 
 

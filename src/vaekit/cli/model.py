@@ -77,7 +77,7 @@ def run_export(args):
     from vaekit.model.load import write_model
 
     path = write_model(load_model_from_args(args, name="src"), args.out, args.format, DTYPES[args.dtype],
-                       taesd_name=args.taesd_name)
+                       taesd_name=args.taesd_name, source=args.src)
     print(f"wrote {args.format} ({args.dtype}) to {path}")
     return 0
 
@@ -86,6 +86,7 @@ def run_convert(args):
     """Convert between the diffusers and the original single-file layout, keeping the stored dtype."""
     from vaekit.model.load import source_dtype, write_model  # torch and diffusers: only once the command runs
 
-    path = write_model(load_model_from_args(args, name="src"), args.out, args.to, source_dtype(args.src))
+    path = write_model(load_model_from_args(args, name="src"), args.out, args.to, source_dtype(args.src),
+                       source=args.src)
     print(f"converted {args.src} to {args.to} at {path}")
     return 0

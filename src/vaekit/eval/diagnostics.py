@@ -41,10 +41,10 @@ from vaekit.eval.config import unique_labels
 from vaekit.eval.diffusability import DiffusabilityStatistics, spectrum_figure
 from vaekit.io import write_json
 from vaekit.model.architecture import downsample_factor, is_tiny
+from vaekit.model.latents import kl_divergence
 from vaekit.model.load import load_vae
 from vaekit.model.normalization import normalize_latents, scale_shift
 from vaekit.moments import RunningMoments
-from vaekit.train.losses import kl_divergence
 
 
 ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016: a unit is active when Cov_x(E[z|x]) > 0.01

@@ -8,7 +8,9 @@ The protocol (written into every report):
 - precision: fp32 unless `dtype` says otherwise;
 - reconstructions are clamped to [-1, 1] and rounded to 8 bits before scoring, as if saved as PNG;
 - per image: PSNR (capped at `psnr_cap` dB, so identical images average to a number), SSIM,
-  MS-SSIM, LPIPS (VGG and AlexNet), colour shift, checkerboard and grid scores (vaekit.metrics);
+  MS-SSIM, LPIPS (VGG and AlexNet), colour shift, checkerboard and grid scores (vaekit.metrics), and
+  `hf_retention`, the reconstruction's power above half Nyquist over the original's (1.0 as sharp
+  as the input; per frequency band too, vaekit.eval.diffusability.RetentionStatistics);
   per set: rFID between the Inception features of originals and reconstructions;
 - per model (`diffusability`, default on): the latents' power spectrum against the images', their
   high-frequency share, the equivariance error and a verdict (vaekit.eval.diffusability), from the
@@ -16,7 +18,8 @@ The protocol (written into every report):
 - with a `teacher`: each model of its latent grid decodes the teacher's latents and encodes the
   images into its latent space, scored against the teacher (vaekit.eval.compatibility).
 
-Outputs in `out`: metrics.json, per_image.csv, report.html, comparison.png and spectrum.png (vaekit.report).
+Outputs in `out`: metrics.json, per_image.csv, report.html, comparison.png, spectrum.png and
+sharpness.png (vaekit.report).
 """
 
 import csv
@@ -42,7 +45,7 @@ from vaekit.errors import VaekitError
 from vaekit.eval import metrics, report
 from vaekit.eval.compatibility import CompatibilityStatistics, TeacherView, same_latent_grid
 from vaekit.eval.config import IDENTITY, unique_labels
-from vaekit.eval.diffusability import DiffusabilityStatistics, spectrum_figure
+from vaekit.eval.diffusability import DiffusabilityStatistics, RetentionStatistics, retention_figure, spectrum_figure
 from vaekit.io import write_json, write_text
 from vaekit.model.architecture import cast_vae, describe, downsample_factor
 from vaekit.model.load import load_vae
@@ -63,6 +66,7 @@ PER_IMAGE_METRICS = {
     "colour_shift_b": ("mean B shift", None),
     "checkerboard_db": ("checkerboard (dB)", False),
     "grid_db": ("grid (dB)", False),
+    "hf_retention": ("HF retention (1 = as sharp as the input)", None),
 }
 
 
@@ -96,6 +100,7 @@ class Candidate:
     diffusion: DiffusabilityStatistics | None = None  # spectra and equivariance PSNRs, when measured
     compatibility: CompatibilityStatistics | None = None  # against the teacher, when one is named
     is_teacher: bool = False  # the --teacher model the others' compatibility is measured against
+    retention: RetentionStatistics = dataclasses.field(default_factory=RetentionStatistics)  # hf_retention per band
 
 
 @dataclasses.dataclass
@@ -220,11 +225,12 @@ def measure_diffusability(candidate, x, tile="off"):
 
 
 @torch.no_grad()
-def score_images(x, y, scorers=None, period=8, psnr_cap=100.0):
+def score_images(x, y, scorers=None, period=8, psnr_cap=100.0, retention=None):
     """Every per-image metric of reconstructions y against originals x: name -> (B,) float tensor on the CPU.
 
     Metrics whose network is missing are NaN. `period` is the grid period to score (the VAE's
-    downsampling factor).
+    downsampling factor). `retention`: a RetentionStatistics that also accumulates the per-band
+    hf_retention of these images.
     """
     y = y.to(x.device)
     nan = torch.full((x.shape[0],), math.nan)
@@ -241,6 +247,7 @@ def score_images(x, y, scorers=None, period=8, psnr_cap=100.0):
         "colour_shift_b": shift[:, 2],
         "checkerboard_db": metrics.checkerboard_db(x, y),
         "grid_db": metrics.grid_db(x, y, period) if period > 2 else nan,
+        "hf_retention": (retention or RetentionStatistics()).update(x, y),
     }
     for net, model in (scorers.lpips if scorers else {}).items():
         scores[f"lpips_{net}"] = metrics.lpips_distance(model, x, y)
@@ -405,6 +412,10 @@ def describe_protocol(config, scorers, sizes):
                 + (f"; not computed: {scorers.missing['rfid']}" if "rfid" in scorers.missing else ""),
         "colour_shift": "per image: the mean difference reconstruction - original of each channel in 8-bit "
                         "levels (R, G, B), and its length",
+        "hf_retention": "per image: the reconstruction's power above half the Nyquist frequency over the original's "
+                        "(mean removed, Hann window, |FFT|^2 summed over channels; the spectrum of the diffusability "
+                        "measure); 1 is as sharp as the input, below 1 blurrier, above 1 ringing or noise; per band: "
+                        "the same ratio per ring of radial frequency over all images",
         "artifacts": "power of the reconstruction error at the harmonics of a 2 px (checkerboard) and a "
                      "downsampling-factor (grid) period over the power in the bins around them, dB, Hann "
                      "window; about 0 dB means no periodic pattern",
@@ -495,7 +506,8 @@ def score_source(config, source, indices, candidates, scorers, device, progress=
             seeds = [config.seed + i for i in batch_indices]
             y = reconstruct_candidate(candidate, x, config.sample, seeds, config.tile)
             measure_diffusability(candidate, x, config.tile)
-            scores = score_images(x, y, scorers, period=candidate.factor, psnr_cap=config.psnr_cap)
+            scores = score_images(x, y, scorers, period=candidate.factor, psnr_cap=config.psnr_cap,
+                                  retention=candidate.retention)
             if scorers.inception is not None:
                 identical = candidate.vae is None  # the identity's features are the originals'
                 candidate.features.append(scored.reference[-1] if identical else inception_features(scorers.inception, y))
@@ -541,6 +553,7 @@ def model_result(candidate, scored, scorers, probe_size, device):
         **summarize(rows),
         "rfid": fid["rfid"],
         "rfid_images": fid["images"],
+        "hf_retention_bands": candidate.retention.bands(),
         "flat_colour": flat,
         "seconds_per_image": candidate.seconds / max(len(rows), 1) if candidate.vae is not None else 0.0,
         "diffusability": candidate.diffusion.result() if candidate.diffusion is not None and candidate.vae is not None
@@ -588,7 +601,11 @@ def write_outputs(out, summary, per_image, comparisons, greys):
     spectrum = spectrum_figure(measured) if measured else None
     if spectrum is not None:
         report.save_png(spectrum, out / "spectrum.png")
-    write_text(out / "report.html", report.render_evaluation(summary, comparisons, greys, spectrum))
+    retained = [(m["label"], m["hf_retention_bands"]) for m in summary["models"] if m["architecture"] is not None]
+    sharpness = retention_figure(retained) if retained else None
+    if sharpness is not None:
+        report.save_png(sharpness, out / "sharpness.png")
+    write_text(out / "report.html", report.render_evaluation(summary, comparisons, greys, spectrum, sharpness))
 
 
 def json_safe(value):

@@ -103,8 +103,11 @@ def comparison_columns(comparisons):
     return titles, rows
 
 
-def compose_comparison(comparisons, labels=None):
-    """The report's comparison as one PNG: a titled column per image kind, a captioned row per image."""
+def compose_comparison(comparisons, labels=None, title=None):
+    """The report's comparison as one PNG: a titled column per image kind, a captioned row per image.
+
+    `title`: a line of text above the columns (what the whole picture shows).
+    """
     titles, rows = comparison_columns(comparisons)
     small, regular = font(12), font(14)
     if not rows:
@@ -114,13 +117,17 @@ def compose_comparison(comparisons, labels=None):
     rows = [[upscale(tile) for tile in row] for row in rows]
     tile_w, tile_h = rows[0][0].size
     pad, header, caption = 6, 34, 20
+    top = 24 if title else 0
     width = pad + len(titles) * (tile_w + pad)
-    height = header + len(rows) * (caption + tile_h + pad) + 24
+    height = top + header + len(rows) * (caption + tile_h + pad) + 24
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    for col, title in enumerate(titles):
-        draw.text((pad + col * (tile_w + pad), 10), shorten(title, tile_w, regular, draw), fill="black", font=regular)
-    y = header
+    if title:
+        draw.text((pad, 8), shorten(title, width - 2 * pad, regular, draw), fill=(20, 90, 30), font=regular)
+    for col, column in enumerate(titles):
+        draw.text((pad + col * (tile_w + pad), top + 10), shorten(column, tile_w, regular, draw), fill="black",
+                  font=regular)
+    y = top + header
     for comparison, row in zip(comparisons, rows):
         text = comparison.get("caption") or (f"{comparison['key']}  crop {tuple(comparison['box'])}  heat map "
                                               f"0-{comparison['scale_levels']:.0f} levels")
@@ -323,6 +330,7 @@ SUMMARY_COLUMNS = (
     ("lpips_alex", "LPIPS-Alex &darr;", 4, "min", "mean"),
     ("rfid", "rFID &darr;", 2, "min", "model"),
     ("colour_shift", "colour shift (levels) &darr;", 2, "min", "mean"),
+    ("hf_retention", "HF retention (1 = input)", 3, None, "mean"),
     ("checkerboard_db", "checkerboard (dB)", 1, None, "mean"),
     ("grid_db", "grid (dB)", 1, None, "mean"),
 )
@@ -497,8 +505,34 @@ def compatibility_html(summary):
     )
 
 
-def render_evaluation(summary, comparisons, greys, spectrum=None):
-    """The self-contained report.html of `vaekit evaluate`; `spectrum`: the PIL plot of diffusability spectra."""
+def sharpness_html(models, sharpness):
+    """Per-model hf_retention with a plain reading, and the per-band plot."""
+    rows = []
+    for model in models:
+        value = model["mean"].get("hf_retention")
+        if model["architecture"] is None or value is None:
+            continue
+        reading = ("as sharp as the input" if abs(value - 1) < 0.05 else
+                   f"blurrier: keeps {value:.0%} of the input's fine detail" if value < 1 else
+                   f"{value - 1:.0%} more high-frequency energy than the input: ringing, noise or invented texture")
+        rows.append(f"<tr><td class=\"name\">{esc(model['label'])}</td><td>{number(value, 3)}</td>"
+                    f"<td class=\"name\">{esc(reading)}</td></tr>")
+    if not rows:
+        return "<p>No models to measure.</p>"
+    plot = figure(sharpness, "high-frequency retention per band", pixel=False) if sharpness is not None else ""
+    return (
+        "<table id=\"sharpness\"><thead><tr><th class=\"name\">model</th><th>HF retention</th>"
+        f"<th class=\"name\">reading</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        f"<div class=\"row\">{plot}</div>"
+        "<p><small>HF retention: the reconstructions' power above half the Nyquist frequency over the originals' "
+        "(mean of per-image ratios; the plot per band over all images). 1 is as sharp as the input, below 1 blurrier, "
+        "above 1 ringing or noise. PSNR rewards a blurry average; this measures only the detail a decoder puts "
+        "back.</small></p>"
+    )
+
+
+def render_evaluation(summary, comparisons, greys, spectrum=None, sharpness=None):
+    """The self-contained report.html of `vaekit evaluate`; `spectrum`, `sharpness`: PIL plots of the spectra."""
     protocol = "".join(f"<dt>{esc(k.replace('_', ' '))}</dt><dd>{esc(v)}</dd>" for k, v in summary["protocol"].items())
     warnings = summary["warnings"]
     warning_html = (
@@ -537,6 +571,8 @@ shaded above {ARTIFACT_WARN_DB:g} dB. Per-image values: per_image.csv; everythin
 <h2>Largest differences</h2>
 <p>The {len(comparisons)} images with the largest mean LPIPS (or lowest PSNR), cropped where the error is largest.</p>
 {comparison_html(comparisons)}
+<h2>Sharpness</h2>
+{sharpness_html(summary['models'], sharpness)}
 <h2>Flat colours</h2>
 {flat_colour_html(summary['models'], greys)}
 <h2>Diffusability</h2>

@@ -4,6 +4,7 @@
 - `architecture`: building, checking, copying, describing and fingerprinting an AutoencoderKL;
 - `tiny`: AutoencoderTiny (TAESD): config checks, building, TAESD's two-file layout;
 - `normalization`: the latent normalisation `(z - shift) * scale` that lives in the model config;
+- `latents`: the posterior's KL to the prior, and transforms applied alike to latents and images;
 - `single_file`: the original latent-diffusion key layout, one mapping table used both ways;
 - `load`: `load_vae(spec)` for every model argument, and saving diffusers folders;
 - `pipeline`: plugging a VAE into a diffusers pipeline with the latent-channel and latent-space checks.
@@ -23,11 +24,14 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "describe": "architecture",
     "downsample_factor": "architecture",
     "fingerprint": "architecture",
+    "encoder_fingerprint": "architecture",
     "latent_channels": "architecture",
     "vae_config": "architecture",
     "normalize_latents": "normalization",
     "denormalize_latents": "normalization",
     "scale_shift": "normalization",
+    "kl_divergence": "latents",
+    "LatentTransform": "latents",
     "load_single_file": "single_file",
     "save_single_file": "single_file",
     "load_vae": "load",

@@ -264,11 +264,11 @@ def latent_channels(vae):
     return vae.config.latent_channels
 
 
-def fingerprint(vae):
-    """sha256 over the architecture and latent normalisation and every weight: a cache key."""
+def _digest(config, state_dict):
+    """sha256 over a config dict and named tensors (their dtype and row-major bytes)."""
     digest = hashlib.sha256()
-    digest.update(json.dumps(vae_config(vae), sort_keys=True).encode())
-    for key, tensor in sorted(vae.state_dict().items()):
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    for key, tensor in sorted(state_dict.items()):
         digest.update(key.encode())
         digest.update(str(tensor.dtype).encode())
         # Row-major bytes whatever the memory format: a channels-last 1x1 kernel passes is_contiguous() with
@@ -281,6 +281,23 @@ def fingerprint(vae):
 def count_parameters(module):
     """Number of parameters of a module (0 for None)."""
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+def fingerprint(vae):
+    """sha256 over the architecture and latent normalisation and every weight: a cache key."""
+    return _digest(vae_config(vae), vae.state_dict())
+
+
+# Config fields that only shape the decoder: a decoder fine-tune may not change the latents, whatever these are.
+DECODER_ONLY_KEYS = ("out_channels", "up_block_types", "use_post_quant_conv")
+
+
+def encoder_fingerprint(vae):
+    """sha256 over what fixes the latents a VAE gives: the encoder's architecture and weights, quant_conv and the
+    latent normalisation. Equal for a VAE and its decoder fine-tunes, whose latents are bit-identical."""
+    config = {k: v for k, v in vae_config(vae).items() if k not in DECODER_ONLY_KEYS}
+    tensors = {k: v for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+    return _digest(config, tensors)
 
 
 def describe(vae):

@@ -30,6 +30,7 @@ from vaekit.errors import VaekitError
 from vaekit.io import atomic_folder
 from vaekit.model.architecture import (build_preset, cast_vae, config_keys, copy_vae, is_tiny, make_config, vae_config,
                                        vae_from_state_dict)
+from vaekit.model.card import model_card
 from vaekit.model.presets import PRESETS, TINY_PRESETS
 from vaekit.model.single_file import load_single_file, save_single_file
 from vaekit.model.tiny import (build_tiny_preset, find_taesd_pair, load_taesd, make_tiny_config, save_taesd,
@@ -181,27 +182,33 @@ def load_vae(spec, overrides=None, device=None, dtype=None, weights="ema", seed=
     return vae
 
 
-def save_diffusers(vae, out_dir, dtype=None):
-    """Write a diffusers folder (config.json + diffusion_pytorch_model.safetensors) atomically.
+def save_diffusers(vae, out_dir, dtype=None, card=None, source=None):
+    """Write a diffusers folder (config.json + diffusion_pytorch_model.safetensors + README.md) atomically.
 
-    The folder is written under a temporary name and renamed into place, so an interrupted export
-    never leaves a folder that looks complete; an existing folder is replaced only after success.
+    README.md is the model card (`vaekit.model.card`): `card` when given, else the one `model_card`
+    writes for `vae` made from `source`. The folder is written under a temporary name and renamed
+    into place, so an interrupted export never leaves a folder that looks complete (or one without
+    its card); an existing folder is replaced only after success.
     """
+    text = card if card is not None else model_card(vae, out_dir, source=source)
     with atomic_folder(out_dir) as tmp:
         model = vae
         if dtype is not None:
             model = cast_vae(copy_vae(vae), dtype=dtype)
         model.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / "README.md").write_text(text, encoding="utf-8")
     return Path(out_dir)
 
 
-def write_model(vae, out, fmt, dtype=None, taesd_name="taesd"):
-    """Write `vae` as a diffusers folder, an original-layout .safetensors or a TAESD pair's folder; returns the path."""
+def write_model(vae, out, fmt, dtype=None, taesd_name="taesd", source=None):
+    """Write `vae` as a diffusers folder (with its model card), an original-layout .safetensors or a TAESD pair's
+    folder; returns the path. `source`: the model argument `vae` came from, named in the card.
+    """
     out = Path(out)
     if fmt in ("diffusers", "taesd") and out.suffix == ".safetensors":
         raise VaekitError(f"--out {out} names a file; the {fmt} format is a folder. Pass a folder path.")
     if fmt == "diffusers":
-        return save_diffusers(vae, out, dtype=dtype)
+        return save_diffusers(vae, out, dtype=dtype, source=source)
     if fmt == "taesd":
         if not is_tiny(vae):
             raise VaekitError("The TAESD layout holds an AutoencoderTiny; this is an AutoencoderKL. Export it as "

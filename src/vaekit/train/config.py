@@ -302,3 +302,30 @@ def check_distillation(config):
     if regularizers:
         raise VaekitError(f"loss.{regularizers[0]} shapes the latent space, but a student keeps its teacher's; "
                           f"set it to 0 for distillation.")
+
+
+def describe_losses(config, perceptual=True):
+    """The loss a run trains with, in words: 'L1 + 0.1 x LPIPS-Alex + 8.33e-08 x KL + ...'.
+
+    `perceptual`: whether the LPIPS term is on (a demo run without LPIPS weights drops it).
+    """
+    loss, disc = config.loss, config.disc
+    terms = [loss.reconstruction.upper()]
+    if perceptual and loss.perceptual_weight > 0:
+        terms.append(f"{loss.perceptual_weight:g} x LPIPS-{'Alex' if loss.perceptual_net == 'alex' else 'VGG'}")
+    if config.model.mode == "scratch" and loss.kl_weight > 0:
+        terms.append(f"{loss.kl_weight:.3g} x KL")
+    if disc.weight > 0:
+        terms.append(f"{disc.weight:g} x PatchGAN ({disc.loss}{', adaptive' if disc.adaptive else ''}"
+                     f"{f', from step {disc.start}' if disc.start else ''})")
+    if loss.equivariance_prob > 0:
+        terms.append(f"EQ-VAE (p {loss.equivariance_prob:g})")
+    if loss.scale_equivariance_weight > 0:
+        terms.append(f"{loss.scale_equivariance_weight:g} x scale equivariance")
+    if loss.align_weight > 0:
+        terms.append(f"{loss.align_weight:g} x alignment to {loss.align_model}")
+    if config.distill.teacher:
+        terms.append(f"{config.distill.latent_weight:g} x 2-Wasserstein to the teacher's posterior")
+        if config.distill.teacher_decode_weight > 0:
+            terms.append(f"{config.distill.teacher_decode_weight:g} x distance to the teacher's decode")
+    return " + ".join(terms)

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import re
+import time
 import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -42,13 +43,14 @@ from vaekit.data.training import build_train_val, collate_images, collate_stream
 from vaekit.device import launched_processes, needs_cpu_collectives
 from vaekit.errors import VaekitError
 from vaekit.io import ensure_folder, remove_temporaries, write_json, write_text
-from vaekit.model.architecture import cast_vae, copy_vae, is_tiny, vae_config
+from vaekit.model.architecture import cast_vae, copy_vae, encoder_fingerprint, is_tiny, vae_config
+from vaekit.model.card import model_card
 from vaekit.model.load import load_vae, save_diffusers
 from vaekit.seeds import torch_generator
 from vaekit.signals import ignore_stop_signals, stop_on_signals
 from vaekit.train import checkpoint as ckpt
 from vaekit.train import distill, losses
-from vaekit.train.config import check_config
+from vaekit.train.config import check_config, describe_losses
 from vaekit.train.discriminator import DiscriminatorConfig, PatchDiscriminator
 from vaekit.train.preflight import agree_ready, refuse_sharding, run_check
 from vaekit.train.regularizers import build_regularizer, transform_rng
@@ -147,6 +149,7 @@ def train(config, resume=None):
     start_tracking(cfg, accelerator, train_ds, validator)
 
     progress, last_saved = Progress(accelerator, cfg, state.step, accelerator.num_processes), None
+    started = time.perf_counter()
     with stop_on_signals(log) as stop:
         while state.step < cfg.train.steps:
             images, logs, finite = train_step(cfg, parts, state, batches, key_log)
@@ -174,7 +177,8 @@ def train(config, resume=None):
     if last_saved is None and state.step > 0:
         last_saved = save(cfg, parts, state, data_size(train_ds))  # resumed at the final step: keep a checkpoint of it
     check_trained(state, last_saved)
-    return finish(cfg, parts, state, validator, last_saved)
+    return finish(cfg, parts, state, validator, last_saved, train_seconds=time.perf_counter() - started,
+                  train_images=len(train_ds) if not isinstance(train_ds, StreamingImages) else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -678,7 +682,7 @@ def maybe_validate(cfg, parts, state, validator, has_holdout):
     if validator is not None and parts.accelerator.is_main_process:
         state.history.append({"step": state.step, **values})
         parts.accelerator.log({f"val/{k}": v for k, v in values.items() if v is not None}, step=state.step)
-        log.info("step %d  validation  %s", state.step, format_metrics(values))
+        log.info("step %d  validation  %s", state.step, format_metrics(values, cfg.validation.lpips_net))
     parts.accelerator.wait_for_everyone()
 
 
@@ -852,38 +856,65 @@ def replica_fingerprint(module):
 # Finishing
 
 
-def finish(cfg, parts, state, validator, last_saved):
-    """Export the weights (EMA when on), score all held-out images, and say where everything is."""
+def finish(cfg, parts, state, validator, last_saved, train_seconds=None, train_images=None):
+    """Export the weights (EMA when on) with their model card, score all held-out images, and say where everything is.
+
+    A decoder fine-tune also scores the model it started from (`model.source`) on the same images, shows
+    it in the grid (original | base | fine-tuned) and checks that the encoder is still bit-identical.
+    """
     accelerator, out_dir = parts.accelerator, Path(cfg.out_dir)
     result = {"checkpoint": last_saved, "step": state.step, "interrupted": False}
-    values = None
+    values, base, base_scores = None, load_base(cfg, accelerator), None
     if validator is not None:  # every process scores its share; the main process gets the metrics
-        values = validator.run(parts.export_state(), len(validator.images), out_dir / "reconstructions.png")
+        if base is not None:
+            base_scores = validator.score(base.state_dict(), len(validator.images))
+        kept = None if base is None else encoder_fingerprint(base) == encoder_fingerprint(parts.vae)
+        title = None if kept is None else (
+            "latents unchanged: the encoder is bit-identical to the base's" if kept else
+            "WARNING: the encoder differs from the base's, so its latents do too")
+        values = validator.run(parts.export_state(), len(validator.images), out_dir / "reconstructions.png",
+                               base=base_scores, title=title)
     if accelerator.is_main_process:
         export = cast_vae(copy_vae(parts.vae), device="cpu")
         export.load_state_dict(parts.export_state())
-        result["export"] = save_diffusers(export, out_dir / "vae")
         weights = "ema" if parts.ema is not None else "raw"
-        lines = [f"Finished {state.step} steps. Outputs in {out_dir}:",
-                 f"  diffusers export ({'EMA' if weights == 'ema' else 'trained'} weights)  {result['export']}"]
+        comparison = base_comparison(base, export, base_scores)
+        if values is not None:
+            values.update(step=state.step, weights=weights,
+                          lpips_net=cfg.validation.lpips_net if values["lpips"] is not None else None,
+                          train_seconds=train_seconds, **comparison)
+        card = model_card(export, out_dir / "vae", training=training_facts(cfg, parts, state, train_images, values,
+                                                                             validator))
+        result["export"] = save_diffusers(export, out_dir / "vae", card=card)
+        took = f" in {format_duration(train_seconds)}" if train_seconds is not None else ""
+        lines = [f"Finished {state.step} steps{took}. Outputs in {out_dir}:",
+                 f"  diffusers export ({'EMA' if weights == 'ema' else 'trained'} weights) with its model card  "
+                 f"{result['export']}"]
         if parts.distiller is not None:  # distillation: a tiny student also in TAESD's two-file layout
             result["taesd"] = parts.distiller.export(export, out_dir)
             if result["taesd"] is not None:
                 lines.append(f"  TAESD files (what ComfyUI reads from models/vae_approx)  {result['taesd']}")
         if validator is not None:
-            values.update(step=state.step, weights=weights,
-                          lpips_net=cfg.validation.lpips_net if values["lpips"] is not None else None)
             write_json(out_dir / "metrics.json", values)
             if state.history:
                 write_text(out_dir / "validation_history.jsonl", "".join(json.dumps(h) + "\n" for h in state.history))
             accelerator.log({f"val/{k}": v for k, v in values.items() if isinstance(v, float)}, step=state.step)
             result.update(metrics=values, grid=out_dir / "reconstructions.png", metrics_file=out_dir / "metrics.json")
             side = validator.images.shape[-1]
-            lines.append(f"  held-out images ({side} px): original | reconstruction | error map  {result['grid']}")
+            columns = "original | base | fine-tuned | error maps" if base_scores else \
+                "original | reconstruction | error map"
+            lines.append(f"  held-out images ({side} px): {columns}  {result['grid']}")
             lines.append(f"  held-out metrics  {result['metrics_file']}  ({values['images']} images: "
-                         f"{format_metrics(values)})")
+                         f"{format_metrics(values, values['lpips_net'])})")
+            if base_scores:
+                lines.append(f"  the base, {cfg.model.source}, on the same images: "
+                             f"{format_metrics(values['base'], values['lpips_net'])}")
         else:
             lines.append("  no held-out images (data.holdout=0): no grid or metrics")
+        if comparison:
+            lines.append("  latents unchanged: the encoder is bit-identical to the base's (encoder fingerprint "
+                         f"{comparison['encoder_fingerprint'][:16]})" if comparison["latents_unchanged"] else
+                         "  WARNING: the encoder differs from the base's: latents are not those of the base")
         lines.append(f"  checkpoint  {last_saved}")
         if state.skipped_images:
             lines.append(f"  {len(set(state.skipped_images))} unusable images skipped, listed in "
@@ -893,6 +924,62 @@ def finish(cfg, parts, state, validator, last_saved):
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def load_base(cfg, accelerator):
+    """For a decoder fine-tune, `model.source` loaded again (the base it started from), on CPU; else None.
+
+    Every process loads it and they agree: when any cannot (a file removed during the run), none compares,
+    with a warning, and the run still exports.
+    """
+    if cfg.model.mode != "decoder":
+        return None
+    base, failure = run_check("base model", lambda: load_vae(cfg.model.source, overrides=cfg.model.overrides))
+    loaded = [failure is None] if accelerator.num_processes == 1 else gather_object([failure is None])
+    if not all(loaded):
+        log.warning("Cannot load the base model %s again to compare the fine-tune with%s; exporting without it.",
+                    cfg.model.source, f" ({failure[1]})" if failure else "")
+        return None
+    return base
+
+
+def base_comparison(base, export, base_scores):
+    """metrics.json's record of a decoder fine-tune against its base: the base's scores and whether latents are kept."""
+    if base is None:
+        return {}
+    fingerprint = encoder_fingerprint(export)
+    comparison = {"latents_unchanged": fingerprint == encoder_fingerprint(base), "encoder_fingerprint": fingerprint}
+    if base_scores:
+        comparison["base"] = base_scores[0]
+    return comparison
+
+
+def format_duration(seconds):
+    """'2 min 31 s', or '48.2 s' under a minute."""
+    if seconds < 59.95:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s"
+
+
+def training_facts(cfg, parts, state, train_images, values, validator):
+    """What the export's model card says about this run (vaekit.model.card.model_card's `training`)."""
+    held_out = len(validator.images) if validator is not None else 0
+    metrics = None
+    if values is not None:
+        metrics = {**values, "size": validator.images.shape[-1]}
+    return {
+        "source": cfg.model.source,
+        "mode": cfg.model.mode,
+        "teacher": cfg.distill.teacher or None,
+        "steps": state.step,
+        "images_per_step": global_batch(cfg, parts.accelerator.num_processes),
+        "data": {"path": cfg.data.path, "train_images": train_images if train_images is not None else "streamed",
+                 "held_out": held_out, "size": cfg.data.size, "crop": cfg.data.crop},
+        "losses": describe_losses(cfg, perceptual=parts.perceptual is not None),
+        "ema": parts.ema is not None,
+        "metrics": metrics,
+    }
 
 
 def next_commands(export, data, out_dir, teacher=None):

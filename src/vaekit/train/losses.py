@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaekit.model.latents import kl_divergence
 from vaekit.pretrained import backbones
 
 
@@ -34,12 +35,6 @@ def reconstruction_loss(x, y, kind="l1"):
     if kind == "l2":
         return (x - y).square().mean()
     raise ValueError(f"reconstruction loss kind must be 'l1' or 'l2', got {kind!r}")
-
-
-def kl_divergence(mean, logvar):
-    """Element-wise KL(N(mean, exp(logvar)) || N(0, 1)) in nats, same shape as `mean`."""
-    # Closed form for Gaussians (Kingma & Welling 2014, appendix B): 0.5 * (mu^2 + sigma^2 - 1 - log sigma^2).
-    return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar)
 
 
 def kl_loss(mean, logvar, free_bits=0.0):

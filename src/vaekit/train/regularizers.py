@@ -22,7 +22,6 @@ same transforms for the same images.
 """
 
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaekit.model.architecture import downsample_factor
+from vaekit.model.latents import LatentTransform
 from vaekit.pretrained.features import load_feature_model
 from vaekit.seeds import numpy_rng
 from vaekit.train import losses
@@ -46,38 +46,6 @@ MIN_DECODED_SIDE = 32
 def transform_rng(seed, step, slot):
     """The numpy Generator of one micro-batch's random transforms, keyed like its posterior noise."""
     return numpy_rng(seed, step, slot, TRANSFORM_STREAM)
-
-
-def resize(t, size):
-    """(B, C, H, W) -> (B, C, *size) by antialiased bilinear interpolation; `t` itself when the size already matches."""
-    if tuple(t.shape[-2:]) == tuple(size):
-        return t
-    # In float32: antialiased resampling has no half-precision kernel on every device.
-    return F.interpolate(t.float(), size=tuple(size), mode="bilinear", antialias=True, align_corners=False).to(t.dtype)
-
-
-@dataclass(frozen=True)
-class LatentTransform:
-    """A spatial transform applied alike to a latent and to its image: resize to a latent grid, then rotate."""
-
-    size: tuple | None = None  # latent (h, w) after resizing; None keeps the size
-    rotation: int = 0  # quarter turns of torch.rot90 over the last two dimensions
-
-    @property
-    def identity(self):
-        return self.size is None and self.rotation % 4 == 0
-
-    def latents(self, z):
-        """The transform of latents (B, C, h, w)."""
-        if self.size is not None:
-            z = resize(z, self.size)
-        return torch.rot90(z, self.rotation, dims=(-2, -1)) if self.rotation % 4 else z
-
-    def images(self, x, factor):
-        """The same transform of the images (B, 3, h * factor, w * factor) those latents encode."""
-        if self.size is not None:
-            x = resize(x, (self.size[0] * factor, self.size[1] * factor))
-        return torch.rot90(x, self.rotation, dims=(-2, -1)) if self.rotation % 4 else x
 
 
 class Plan(NamedTuple):

@@ -59,7 +59,7 @@ class AutoencoderForTraining(nn.Module):
     def forward(self, x, generator=None, transform=None, extra=()):
         """(B, 3, H, W) images -> TrainingOutputs; `transform` replaces the plain decode, `extra` adds decodes.
 
-        Both are vaekit.train.regularizers.LatentTransform objects applied to z.
+        Both are vaekit.model.latents.LatentTransform objects applied to z.
         """
         with torch.no_grad() if self.freeze_encoder else contextlib.nullcontext():
             posterior = self.vae.encode(x).latent_dist

@@ -12,6 +12,7 @@ from vaekit.codec.inference import encode_decode
 from vaekit.data.crops import to_pil
 from vaekit.errors import VaekitError
 from vaekit.eval import metrics, report
+from vaekit.eval.diffusability import RetentionStatistics
 from vaekit.model.architecture import copy_vae
 from vaekit.train import losses
 
@@ -22,26 +23,35 @@ log = logging.getLogger("vaekit.train")
 def validate(vae, images, lpips_net=None, batch_size=4):
     """Reconstruct held-out images with the posterior mean; returns (metrics dict, reconstructions, per-image rows).
 
-    The metrics are means over the images; each row is {"psnr", "lpips"} of one image (lpips None
-    without an LPIPS network), for the grid's captions.
+    The metrics are means over the images; each row is {"psnr", "ssim", "lpips", "hf_retention"} of
+    one image (lpips None without an LPIPS network), for the grid's captions. hf_retention is the
+    reconstruction's power above half Nyquist over the original's (vaekit.eval.diffusability): 1 as
+    sharp as the input, below 1 blurrier.
     """
     device = next(vae.parameters()).device
-    recons, psnr, ssim, lp = [], [], [], []
+    recons, psnr, ssim, lp, sharp = [], [], [], [], []
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device)  # (b, 3, H, W)
         y = encode_decode(vae, x).clamp(-1, 1)
         recons.append(y.cpu())
         psnr.append(metrics.psnr(y, x, max_db=100.0).cpu())
         ssim.append(metrics.ssim(y, x).cpu())
+        sharp.append(RetentionStatistics().update(x, y).float())
         if lpips_net is not None:
             lp.append(lpips_net(y, x).flatten().cpu())  # (b, 1, 1, 1) -> (b,)
-    psnr, lp = torch.cat(psnr), (torch.cat(lp) if lp else None)
-    values = {"psnr": psnr.mean().item(), "ssim": torch.cat(ssim).mean().item(),
-              "lpips": lp.mean().item() if lp is not None else None, "images": len(images)}
-    ssim = torch.cat(ssim)
-    rows = [{"psnr": float(psnr[i]), "ssim": float(ssim[i]), "lpips": float(lp[i]) if lp is not None else None}
-            for i in range(len(images))]
+    psnr, ssim, sharp, lp = torch.cat(psnr), torch.cat(ssim), torch.cat(sharp), (torch.cat(lp) if lp else None)
+    rows = [{"psnr": float(psnr[i]), "ssim": float(ssim[i]), "lpips": float(lp[i]) if lp is not None else None,
+             "hf_retention": float(sharp[i])} for i in range(len(images))]
+    values = {"psnr": psnr.mean().item(), "ssim": ssim.mean().item(),
+              "lpips": lp.mean().item() if lp is not None else None, "hf_retention": nan_mean(sharp),
+              "images": len(images)}
     return values, torch.cat(recons), rows
+
+
+def nan_mean(values):
+    """The mean of a float tensor ignoring NaN (images without fine detail have no hf_retention); None when all are."""
+    known = values[~values.isnan()]
+    return known.mean().item() if len(known) else None
 
 
 def summarize(rows):
@@ -50,25 +60,38 @@ def summarize(rows):
         return torch.tensor([r[name] for r in rows], dtype=torch.float32).mean().item()
 
     has_lpips = bool(rows) and rows[0]["lpips"] is not None
+    sharp = torch.tensor([r["hf_retention"] for r in rows], dtype=torch.float32)
     return {"psnr": mean("psnr"), "ssim": mean("ssim"), "lpips": mean("lpips") if has_lpips else None,
-            "images": len(rows)}
+            "hf_retention": nan_mean(sharp), "images": len(rows)}
 
 
-def save_grid(originals, recons, path, keys=None, rows=None):
-    """PNG: a captioned row per held-out image (key, PSNR, LPIPS): original | reconstruction | error map."""
+def caption_scores(row):
+    """'PSNR 24.10 dB   LPIPS 0.210' of one image's row."""
+    text = f"PSNR {row['psnr']:.2f} dB"
+    return text + (f"   LPIPS {row['lpips']:.3f}" if row["lpips"] is not None else "")
+
+
+def save_grid(originals, recons, path, keys=None, rows=None, base=None, title=None):
+    """PNG: a captioned row per held-out image (key, PSNR, LPIPS): original | reconstruction | error map.
+
+    `base`: (reconstructions, rows) of the model a decoder fine-tune started from; the grid then shows
+    original | base | fine-tuned and both error maps, on one colour scale per row. `title`: a line above.
+    """
     comparisons = []
     for i, (x, y) in enumerate(zip(originals, recons)):
-        error = (y.float() - x.float()).abs().mean(dim=0) * 127.5  # (H, W) in 8-bit levels
-        scale = max(4.0, float(torch.quantile(error.flatten(), 0.99)))  # a few extreme pixels must not wash it out
+        shown = {"reconstruction": y} if base is None else {"base": base[0][i], "fine-tuned": y}
+        errors = {label: (r.float() - x.float()).abs().mean(dim=0) * 127.5 for label, r in shown.items()}  # (H, W)
+        # A few extreme pixels must not wash the map out; one scale per row, so the maps of a row compare.
+        scale = max(4.0, max(float(torch.quantile(e.flatten(), 0.99)) for e in errors.values()))
         caption = keys[i] if keys else f"image {i + 1}"
-        if rows:
-            caption += f"   PSNR {rows[i]['psnr']:.2f} dB"
-            if rows[i]["lpips"] is not None:
-                caption += f"   LPIPS {rows[i]['lpips']:.3f}"
+        if rows and base is None:
+            caption += "   " + caption_scores(rows[i])
+        elif rows:
+            caption += f"   base {caption_scores(base[1][i])}   fine-tuned {caption_scores(rows[i])}"
         comparisons.append({"caption": f"{caption}   error 0-{scale:.0f} levels", "original": to_pil(x),
-                            "recons": {"reconstruction": to_pil(y)},
-                            "errors": {"reconstruction": report.heatmap(error, scale)}})
-    return report.save_png(report.compose_comparison(comparisons), Path(path))
+                            "recons": {label: to_pil(r) for label, r in shown.items()},
+                            "errors": {label: report.heatmap(e, scale) for label, e in errors.items()}})
+    return report.save_png(report.compose_comparison(comparisons, title=title), Path(path))
 
 
 def take_images(dataset, limit):
@@ -97,11 +120,14 @@ def build_lpips_metric(net, path, perceptual):
         return None
 
 
-def format_metrics(values):
-    """'PSNR 24.1 dB  SSIM 0.712  LPIPS 0.210' (LPIPS omitted when unavailable)."""
+def format_metrics(values, lpips_net=None):
+    """'PSNR 24.10 dB  SSIM 0.7120  LPIPS-Alex 0.2100  HF retention 0.62' (what is unavailable is left out)."""
     text = f"PSNR {values['psnr']:.2f} dB  SSIM {values['ssim']:.4f}"
     if values.get("lpips") is not None:
-        text += f"  LPIPS {values['lpips']:.4f}"
+        name = {"alex": "LPIPS-Alex", "vgg": "LPIPS-VGG"}.get(lpips_net, "LPIPS")
+        text += f"  {name} {values['lpips']:.4f}"
+    if values.get("hf_retention") is not None:
+        text += f"  HF retention {values['hf_retention']:.2f}"
     return text
 
 
@@ -118,17 +144,15 @@ class Validator:
         self.rank, self.world = rank, world
         self.scratch = copy_vae(vae)  # receives the weights to score, so the trained model is never touched
 
-    def run(self, state_dict, limit, grid_path):
-        """Score the first `limit` held-out images with `state_dict` and save their grid; returns the metrics.
+    def score(self, state_dict, limit):
+        """(metrics, reconstructions, per-image rows) of the first `limit` held-out images with `state_dict`.
 
-        Every process must call it; with several, only the main process gets the metrics (others None).
+        Every process must call it; with several, only the main process gets the result (the others None).
         """
         self.scratch.load_state_dict(state_dict)
         images = self.images[:limit]
         if self.world == 1:
-            values, recons, rows = validate(self.scratch, images, self.lpips_net, self.batch_size)
-            save_grid(images, recons, grid_path, self.keys[:limit], rows)
-            return values
+            return validate(self.scratch, images, self.lpips_net, self.batch_size)
         mine = list(range(self.rank, len(images), self.world))
         share = None
         if mine:
@@ -141,5 +165,18 @@ class Validator:
         found = {i: (row, recon) for part in shares if part is not None for i, row, recon in zip(*part)}
         rows = [found[i][0] for i in range(len(images))]
         recons = torch.stack([found[i][1].float() for i in range(len(images))])
-        save_grid(images, recons, grid_path, self.keys[:limit], rows)
-        return summarize(rows)
+        return summarize(rows), recons, rows
+
+    def run(self, state_dict, limit, grid_path, base=None, title=None):
+        """Score the first `limit` held-out images with `state_dict` and save their grid; returns the metrics.
+
+        `base`: the (metrics, reconstructions, rows) `score` gave for the model a decoder fine-tune started
+        from, shown beside. Every process must call it; with several, only the main process gets the metrics.
+        """
+        scored = self.score(state_dict, limit)
+        if scored is None:
+            return None
+        values, recons, rows = scored
+        save_grid(self.images[:limit], recons, grid_path, self.keys[:limit], rows,
+                  base=base[1:] if base is not None else None, title=title)
+        return values
