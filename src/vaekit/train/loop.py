@@ -44,7 +44,7 @@ from vaekit.model.load import load_vae, save_diffusers
 from vaekit.seeds import torch_generator
 from vaekit.signals import ignore_stop_signals, stop_on_signals
 from vaekit.train import checkpoint as ckpt
-from vaekit.train import losses
+from vaekit.train import fp16_safe, losses
 from vaekit.train.config import check_config
 from vaekit.train.discriminator import DiscriminatorConfig, PatchDiscriminator
 from vaekit.train.preflight import agree_ready, refuse_sharding, run_check
@@ -73,6 +73,7 @@ class Parts:
     ema: EMAModel | None = None
     perceptual: losses.PerceptualLoss | None = None
     regularizer: object = None  # vaekit.train.regularizers.Regularizer, when a diffusability regulariser is on
+    fp16: object = None  # vaekit.train.fp16_safe.Fp16Fix, in the fp16-safe fine-tune (model.mode=fp16_safe)
 
     @property
     def last_layer(self):
@@ -115,6 +116,7 @@ class Ready:
     val_ds: object
     perceptual: object  # the LPIPS training loss, or None
     metric_lpips: object  # the LPIPS network of validation metrics, or None
+    fp16: object = None  # vaekit.train.fp16_safe.Fp16Fix in model.mode=fp16_safe: teacher, probe, exact rescaling
 
 
 def train(config, resume=None):
@@ -124,10 +126,12 @@ def train(config, resume=None):
     refuse_sharding()  # from the environment, before any process group: every process stops alike
     accelerator = start_run(cfg)
     ready = check_ready(cfg, accelerator, resume)
+    if ready.fp16 is not None and ready.fp16.already_safe:  # nothing to do: not a run
+        return fp16_safe.already_safe(cfg, accelerator, ready.fp16)
     checkpoint, train_ds, val_ds = ready.checkpoint, ready.train_ds, ready.val_ds
     if accelerator.is_main_process:
         save_config(cfg, Path(cfg.out_dir) / "config.yaml")
-    parts = build_parts(cfg, accelerator, ready.vae, ready.perceptual)
+    parts = build_parts(cfg, accelerator, ready.vae, ready.perceptual, ready.fp16)
     state = RunState()
     if checkpoint is not None:
         restore(cfg, parts, state, checkpoint, data_size(train_ds))
@@ -142,6 +146,8 @@ def train(config, resume=None):
     progress, last_saved = Progress(accelerator, cfg, state.step, accelerator.num_processes), None
     with stop_on_signals(log) as stop:
         while state.step < cfg.train.steps:
+            if parts.fp16 is not None and parts.fp16.done(cfg, parts, state):  # every layer has its fp16 headroom
+                break
             images, logs, finite = train_step(cfg, parts, state, batches, key_log)
             skipped, stopping = agree(accelerator, not finite, stop["signal"] is not None)
             count_skip(state, skipped)
@@ -164,8 +170,9 @@ def train(config, resume=None):
     progress.close()
     if key_log is not None:
         key_log.close()
-    if last_saved is None and state.step > 0:
-        last_saved = save(cfg, parts, state, data_size(train_ds))  # resumed at the final step: keep a checkpoint of it
+    if last_saved != ckpt.checkpoint_path(cfg.out_dir, state.step) and (state.step > 0 or parts.fp16 is not None):
+        # Resumed at the final step, or stopped early with fp16 headroom: keep a checkpoint of where it ended.
+        last_saved = save(cfg, parts, state, data_size(train_ds))
     check_trained(state, last_saved)
     return finish(cfg, parts, state, validator, last_saved)
 
@@ -239,8 +246,12 @@ def check_ready(cfg, accelerator, resume):
         if data[1] is not None:
             metric = check("validation LPIPS", lambda: build_lpips_metric(cfg.validation.lpips_net,
                                                                           cfg.loss.lpips_path, perceptual))
+    fp16 = None
+    if cfg.model.mode == "fp16_safe" and vae is not None and data[0] is not None:
+        fp16 = check("fp16", lambda: fp16_safe.prepare(cfg, vae, data[0], data[1], checkpoint, accelerator.device))
     facts = {"resume_step": checkpoint.meta["step"] if checkpoint is not None else None,
-             "perceptual": perceptual is not None, "metric": metric is not None}
+             "perceptual": perceptual is not None, "metric": metric is not None,
+             "already_fp16_safe": fp16 is not None and fp16.already_safe}
     everyone = agree_ready(accelerator, failures, facts)
     steps = [f["resume_step"] for f in everyone]
     if len(set(steps)) > 1:
@@ -252,7 +263,11 @@ def check_ready(cfg, accelerator, resume):
     if metric is not None and not all(f["metric"] for f in everyone):
         log.warning("Validation LPIPS is unavailable on some processes: reporting PSNR and SSIM only.")
         metric = None
-    return Ready(checkpoint, vae, data[0], data[1], perceptual, metric)
+    if len({f["already_fp16_safe"] for f in everyone}) > 1:
+        raise VaekitError("The processes measured different activations on the same model and images (fp16 safety "
+                          "by rank: {}); every process must see the same model.source and data.".format(
+                              [f["already_fp16_safe"] for f in everyone]))
+    return Ready(checkpoint, vae, data[0], data[1], perceptual, metric, fp16)
 
 
 def prepare_run_folder(out_dir):
@@ -306,8 +321,8 @@ def build_vae(cfg, checkpoint=None):
     return load_vae(cfg.model.source, overrides=cfg.model.overrides)
 
 
-def build_parts(cfg, accelerator, vae, perceptual=None):
-    """The fp32 VAE prepared with its discriminator, EMA and optimizers; the VAE and LPIPS loss from `check_ready`."""
+def build_parts(cfg, accelerator, vae, perceptual=None, fp16=None):
+    """The fp32 VAE prepared with its discriminator, EMA and optimizers; the VAE, LPIPS loss and fp16 fix from `check_ready`."""
     device = accelerator.device
     cast_vae(vae, device=device, dtype=torch.float32)  # fp32 master weights, whatever the stored dtype
     if cfg.model.gradient_checkpointing:
@@ -316,7 +331,8 @@ def build_parts(cfg, accelerator, vae, perceptual=None):
         vae.encoder.compile()  # in place: state-dict keys stay those of AutoencoderKL
         vae.decoder.compile()
     regularizer = build_regularizer(cfg, vae, device)
-    model = AutoencoderForTraining(vae, freeze_encoder=cfg.model.mode == "decoder",
+    frozen_encoder = cfg.model.mode == "decoder" or (fp16 is not None and not fp16.trains_encoder)
+    model = AutoencoderForTraining(vae, freeze_encoder=frozen_encoder,
                                    sample_posterior=cfg.model.sample_posterior,
                                    projection=regularizer.projection if regularizer is not None else None)
     disc = None
@@ -330,14 +346,18 @@ def build_parts(cfg, accelerator, vae, perceptual=None):
         ema = EMAModel(vae.parameters(), decay=cfg.ema.decay, update_after_step=cfg.ema.update_after_step,
                        use_ema_warmup=cfg.ema.warmup, inv_gamma=cfg.ema.inv_gamma, power=cfg.ema.power)
     trainable = [p for p in model.parameters() if p.requires_grad]  # the VAE's, then an alignment projection's
-    opt_g = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                              weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
+    if fp16 is not None:  # the fp16-safe fine-tune: relative steps (fp16.relative_lr), its hooks on this VAE
+        opt_g = fp16_safe.make_optimizer(trainable, cfg.optim, cfg.fp16.relative_lr)
+        fp16.student = vae
+    else:
+        opt_g = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
     # Schedulers are stepped once per optimizer step by this loop, not by Accelerate (which would step
     # them once per process), so their length is in optimizer steps.
     sched_g = get_scheduler(cfg.optim.scheduler, opt_g, num_warmup_steps=cfg.optim.warmup_steps,
                             num_training_steps=cfg.train.steps)
     parts = Parts(accelerator, vae, model, trainable, opt_g, sched_g, ema=ema, perceptual=perceptual,
-                  regularizer=regularizer)
+                  regularizer=regularizer, fp16=fp16)
     if disc is not None:
         opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc.lr, betas=tuple(cfg.disc.betas),
                                   weight_decay=cfg.disc.weight_decay)
@@ -504,11 +524,14 @@ def vae_update(cfg, parts, state, batches, kl_weight, disc_active, key_log=None)
         slot = m * world + rank
         generator = torch_generator(cfg.train.seed, state.step, slot)  # posterior noise of this slot
         with contextlib.nullcontext() if m == accum - 1 else accelerator.no_sync(parts.model):
-            real, recon, micro_logs = generator_step(
-                accelerator, parts.model, x, loss_cfg=cfg.loss, disc_cfg=cfg.disc, kl_weight=kl_weight,
-                perceptual=parts.perceptual, disc=raw_disc, last_layer=parts.last_layer, generator=generator,
-                scale=weight / accum, regularizer=parts.regularizer,
-                rng=transform_rng(cfg.train.seed, state.step, slot))
+            if parts.fp16 is not None:  # the fp16-safe fine-tune: distance to the teacher + activation penalty
+                real, recon, micro_logs = parts.fp16.step(accelerator, parts.model, x, generator, scale=weight / accum)
+            else:
+                real, recon, micro_logs = generator_step(
+                    accelerator, parts.model, x, loss_cfg=cfg.loss, disc_cfg=cfg.disc, kl_weight=kl_weight,
+                    perceptual=parts.perceptual, disc=raw_disc, last_layer=parts.last_layer, generator=generator,
+                    scale=weight / accum, regularizer=parts.regularizer,
+                    rng=transform_rng(cfg.train.seed, state.step, slot))
         kept.append((real, recon, weight))
         add_logs(logs, micro_logs, accum)
     # A non-finite gradient norm means a non-finite loss or gradient somewhere (DDP has already averaged
@@ -663,6 +686,7 @@ def save(cfg, parts, state, dataset_size, interrupted=False):
             "ema": {k: v for k, v in parts.ema.state_dict().items() if k != "shadow_params"} if parts.ema else None,
             "replica_fingerprints": fingerprints,
             "skipped_images": skipped,
+            **({"fp16": parts.fp16.meta()} if parts.fp16 is not None else {}),
         }
         ckpt.save_checkpoint(cfg.out_dir, state.step, weights, optimizers, ckpt.rng_state(), meta)
         if skipped:
@@ -801,6 +825,7 @@ def finish(cfg, parts, state, validator, last_saved):
     values = None
     if validator is not None:  # every process scores its share; the main process gets the metrics
         values = validator.run(parts.export_state(), len(validator.images), out_dir / "reconstructions.png")
+    fp16_report = parts.fp16.finish(parts, out_dir) if parts.fp16 is not None else None  # before the export
     if accelerator.is_main_process:
         export = cast_vae(copy_vae(parts.vae), device="cpu")
         export.load_state_dict(parts.export_state())
@@ -823,6 +848,9 @@ def finish(cfg, parts, state, validator, last_saved):
         else:
             lines.append("  no held-out images (data.holdout=0): no grid or metrics")
         lines.append(f"  checkpoint  {last_saved}")
+        if fp16_report is not None:
+            result["fp16"] = fp16_report
+            lines += fp16_safe.summary_lines(fp16_report) + [f"  report  {out_dir / 'fp16_safe.json'}"]
         if state.skipped_images:
             lines.append(f"  {len(set(state.skipped_images))} unusable images skipped, listed in "
                          f"{out_dir / 'skipped_images.txt'}")
