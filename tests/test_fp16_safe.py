@@ -7,6 +7,7 @@ rescaling undoes, so the fine-tune must).
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -231,11 +232,11 @@ def test_decoder_only_overflow_keeps_the_latents_bit_identical(trained_tiny_vae,
     assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
 
 
-def nonexact(source, out, factor=2e4):
-    """A decoder resnet's norm2 output scaled by `factor` and its conv2 by 1 / factor: SiLU sits between, so the
+def nonexact(source, out, factor=2e4, resnet="decoder.up_blocks.3.resnets.0"):
+    """A resnet's norm2 output scaled by `factor` and its conv2 by 1 / factor: SiLU sits between, so the
     fp32 function changes a little and no exact rescaling takes the overflow back out."""
     vae = load_vae(source)
-    block = vae.decoder.up_blocks[3].resnets[0]
+    block = vae.get_submodule(resnet)
     with torch.no_grad():
         block.norm2.weight.mul_(factor)
         block.norm2.bias.mul_(factor)
@@ -264,6 +265,28 @@ def test_the_fine_tune_fixes_what_exact_rescaling_cannot(trained_tiny_vae, photo
     _, decoded16 = outputs(load_vae(out / "vae"), x, torch.float16)
     assert torch.isfinite(decoded16).all()
     assert psnr(decoded32, reference) >= 30 and psnr(decoded16, reference) >= 30
+
+
+def test_an_encoder_that_overflows_is_fine_tuned_within_the_stated_latent_tolerance(trained_tiny_vae, photos, tmp_path):
+    """The encoder trains (fp16.parts=auto takes all) against the original's moments: its posterior means stay
+    within fp16.latent_snr_db (40 dB) of the original's in fp32, and nothing outside the hot block changes."""
+    block = "encoder.down_blocks.1.resnets.0"
+    unsafe = nonexact(trained_tiny_vae, tmp_path / "hot", resnet=block)
+    out = tmp_path / "run"
+    assert main(fix_args(unsafe, photos, out, "train.steps=300", "optim.lr=3e-2")) == 0
+    report = json.loads((out / "fp16_safe.json").read_text())
+    assert report["parts"] == "all" and report["reached"] and report["rescale"]["trained"] == [block]
+    assert report["latents_within_tolerance"] and report["after"]["latent_snr_db_fp32"] >= 40
+    x = images(4, seed=50)
+    reference_mean, _ = outputs(load_vae(unsafe), x)
+    mean32, _ = outputs(load_vae(out / "vae"), x)
+    snr = 10 * torch.log10(reference_mean.square().mean() / (mean32 - reference_mean).square().mean())
+    assert 40 <= snr < math.inf  # it trained, and stayed within the tolerance on images it never saw
+    mean16, decoded16 = outputs(load_vae(out / "vae"), x, torch.float16)
+    assert torch.isfinite(mean16).all() and torch.isfinite(decoded16).all()
+    before, after = load_vae(unsafe).state_dict(), load_vae(out / "vae").state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all(k.startswith(block + ".") for k in changed)
 
 
 def test_an_already_safe_source_ends_at_once_without_a_run(trained_tiny_vae, photos, tmp_path, capsys):
@@ -329,6 +352,14 @@ def test_two_process_run_matches_one_process(trained_tiny_vae, photos, tmp_path)
     assert main(fix_args(unsafe, photos, single, *extra, "train.grad_accum=4")) == 0
     a = load_file(str(dist / "checkpoint-000003" / "vae.safetensors"))
     b = load_file(str(single / "checkpoint-000003" / "vae.safetensors"))
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    # Equal up to float rounding, relative to each tensor's size (the scaled norm2 holds weights near 1e6)...
+    relative = {k: float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in a}
+    # ...except a bias read only through a GroupNorm (conv1.bias, before norm2): the group mean of its gradient is
+    # zero but for rounding, and the penalty's gradients are so large that the rounding (which differs between
+    # 2 x 2 and 1 x 4 accumulation) exceeds Adam's eps, which turns it into steps of up to lr x RMS each.
+    under_groupnorm = [k for k in a if k.endswith("conv1.bias")]
+    assert max(v for k, v in relative.items() if k not in under_groupnorm) < 1e-5
+    for k in under_groupnorm:
+        assert float((a[k] - b[k]).abs().max()) <= 2 * 3 * 1e-2 * float(b[k].square().mean().sqrt())  # 3 steps, lr 1e-2
     start = load_vae(unsafe).state_dict()
-    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-3
+    assert max(float((a[k] - start[k]).abs().max() / start[k].abs().max().clamp_min(1e-12)) for k in a) > 1e-3
