@@ -7,7 +7,6 @@ rescaling undoes, so the fine-tune must).
 """
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -267,21 +266,22 @@ def test_the_fine_tune_fixes_what_exact_rescaling_cannot(trained_tiny_vae, photo
     assert psnr(decoded32, reference) >= 30 and psnr(decoded16, reference) >= 30
 
 
-def test_an_encoder_that_overflows_is_fine_tuned_within_the_stated_latent_tolerance(trained_tiny_vae, photos, tmp_path):
-    """The encoder trains (fp16.parts=auto takes all) against the original's moments: its posterior means stay
-    within fp16.latent_snr_db (40 dB) of the original's in fp32, and nothing outside the hot block changes."""
+def test_an_overflowing_encoder_trains_on_past_the_headroom_until_its_latents_are_within_the_tolerance(
+        trained_tiny_vae, photos, tmp_path):
+    """The encoder trains (fp16.parts=auto takes all) against the original's moments. Its headroom comes at
+    step 130 here, but its latents are then about 26 dB from the original's, under the stated 40 dB
+    (fp16.latent_snr_db): the run goes on, and when the steps run out the report says the tolerance was missed."""
     block = "encoder.down_blocks.1.resnets.0"
     unsafe = nonexact(trained_tiny_vae, tmp_path / "hot", resnet=block)
     out = tmp_path / "run"
-    assert main(fix_args(unsafe, photos, out, "train.steps=300", "optim.lr=3e-2")) == 0
+    assert main(fix_args(unsafe, photos, out, "train.steps=150", "optim.lr=3e-2")) == 0
     report = json.loads((out / "fp16_safe.json").read_text())
     assert report["parts"] == "all" and report["reached"] and report["rescale"]["trained"] == [block]
-    assert report["latents_within_tolerance"] and report["after"]["latent_snr_db_fp32"] >= 40
+    step = json.loads(next(out.glob("checkpoint-*")).joinpath("meta.json").read_text())["step"]
+    assert step == 150  # not the first check with headroom
+    assert report["latent_tolerance_db"] == 40 and report["latents_within_tolerance"] is False
+    assert 20 < report["after"]["latent_snr_db_fp32"] < 40
     x = images(4, seed=50)
-    reference_mean, _ = outputs(load_vae(unsafe), x)
-    mean32, _ = outputs(load_vae(out / "vae"), x)
-    snr = 10 * torch.log10(reference_mean.square().mean() / (mean32 - reference_mean).square().mean())
-    assert 40 <= snr < math.inf  # it trained, and stayed within the tolerance on images it never saw
     mean16, decoded16 = outputs(load_vae(out / "vae"), x, torch.float16)
     assert torch.isfinite(mean16).all() and torch.isfinite(decoded16).all()
     before, after = load_vae(unsafe).state_dict(), load_vae(out / "vae").state_dict()

@@ -13,7 +13,8 @@ A VAE whose activations exceed 65504 decodes to black or NaN in fp16 (the SDXL V
    when the encoder trains, of the posterior moments, plus `fp16.penalty_weight` times the squared
    excess of every activation above half the target (measured through the same hooks);
 4. checks every `fp16.check_every` steps and stops at the first check where every layer is at most
-   the target on the probe images and an fp16 encode and decode of them is finite;
+   the target on the probe images, an fp16 encode and decode of them is finite and, when the encoder
+   trains, its fp32 posterior means are within `fp16.latent_snr_db` of the original's;
 5. exports as every run does and reports, against the original in fp32, the fp16 output PSNR
    before and after (`fp16_safe.json`).
 
@@ -129,13 +130,17 @@ class Fp16Fix:
                           if not value <= watched and (self.trains_encoder or not is_encoder(name))}
         largest = max(check["maxima"], key=check["maxima"].get)
         log.info("step %d  fp16 check: largest activation %.4g (%.2f%% of float16's range) at %s; %d layer(s) above "
-                 "the target %.4g; fp16 pass %s", state.step, check["maxima"][largest],
+                 "the target %.4g; fp16 pass %s%s", state.step, check["maxima"][largest],
                  100 * check["maxima"][largest] / FP16_MAX, largest, len(check["above"]), self.limit,
-                 "finite" if check["finite"] else "NOT finite")
-        return not check["above"] and check["finite"]
+                 "finite" if check["finite"] else "NOT finite",
+                 f"; latent SNR {fmt_db(check['latent_snr_db'])}" if "latent_snr_db" in check else "")
+        # A trained encoder must also be back within the latent tolerance: the headroom alone comes first, and
+        # stopping there would keep whatever the penalty's first steps cost the latents.
+        close = check.get("latent_snr_db", math.inf) >= self.cfg.latent_snr_db
+        return not check["above"] and check["finite"] and close
 
     def check(self, vae, accelerator):
-        """{"maxima", "above", "finite"} of `vae` on the probe images, every process its share, agreed by reduction."""
+        """{"maxima", "above", "finite"[, "latent_snr_db"]} of `vae` on the probe images, every process its share, agreed by reduction."""
         rank, world = accelerator.process_index, accelerator.num_processes
         mine = self.probe[rank::world]
         names = [name for name, _ in self.student.named_modules() if name]
@@ -152,8 +157,18 @@ class Fp16Fix:
         values = values.cpu().tolist()
         maxima = {name: v for name, v in zip(names, values) if v >= 0}
         maxima = {k: (v if math.isfinite(v) else math.inf) for k, v in maxima.items()}
-        return {"maxima": maxima, "above": sorted(n for n, v in maxima.items() if not v <= self.limit),
-                "finite": values[-1] == 0.0}
+        check = {"maxima": maxima, "above": sorted(n for n, v in maxima.items() if not v <= self.limit),
+                 "finite": values[-1] == 0.0}
+        if self.trains_encoder:  # the latent tolerance: sums of squares over every process's share
+            sums = latent_error(self.teacher, vae, mine, self.batch_size, device)
+            if world > 1:
+                sums = accelerator.reduce(sums, "sum")
+            error, signal = sums.cpu().tolist()
+            if not math.isfinite(error):
+                check["latent_snr_db"] = -math.inf
+            else:
+                check["latent_snr_db"] = math.inf if error == 0 else 10 * math.log10(signal / error)
+        return check
 
     # ------------------------------------------------------------------------------------------
     # The end
@@ -317,6 +332,17 @@ def fp16_finite(vae, images, batch_size, device):
         if not (torch.isfinite(mean).all() and torch.isfinite(half.decode(mean).sample).all()):
             return False
     return True
+
+
+@torch.no_grad()
+def latent_error(teacher, vae, images, batch_size, device):
+    """(2,) float64 tensor on `device`: the squared error of `vae`'s fp32 posterior means against the teacher's, and their energy."""
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for x in batches(images, batch_size, device):
+        reference = teacher.encode(x).latent_dist.mean
+        sums[0] += (vae.encode(x).latent_dist.mean - reference).double().square().sum()
+        sums[1] += reference.double().square().sum()
+    return sums
 
 
 @torch.no_grad()
