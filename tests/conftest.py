@@ -87,3 +87,39 @@ def tiny_dinov2(tmp_path_factory):
                           patch_size=4, image_size=16)
     Dinov2Model(config).save_pretrained(folder)
     return folder
+
+
+# ---------------------------------------------------------------------------------------------------
+# A trained tiny VAE, for tests that need realistic (not random) activations
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_vae(tmp_path_factory):
+    """preset:tiny trained for 40 steps at 32 px on photo-like images (L1 + a little KL), as a diffusers folder.
+
+    A few seconds on one thread; its activations, GroupNorm statistics and latents are a trained
+    model's, not a random initialisation's. Shared by the session: copy it before changing it.
+    """
+    import imagegen
+    from vaekit.data import to_tensor
+    from vaekit.model import build_preset, save_diffusers
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        images = torch.stack([to_tensor(imagegen.make_photo(32, 32, seed=1000 + i)) for i in range(32)])
+        vae = build_preset("tiny", seed=0).train()
+        optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+        order = torch.Generator().manual_seed(0)
+        for _ in range(40):
+            x = images[torch.randint(0, len(images), (4,), generator=order)]
+            posterior = vae.encode(x).latent_dist
+            loss = (vae.decode(posterior.sample(generator=order)).sample - x).abs().mean() + 1e-5 * posterior.kl().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    folder = tmp_path_factory.mktemp("trained") / "tiny"
+    save_diffusers(vae.eval(), folder)
+    return folder

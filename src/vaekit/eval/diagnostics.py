@@ -40,6 +40,7 @@ from vaekit.eval import report
 from vaekit.eval.config import unique_labels
 from vaekit.eval.diffusability import DiffusabilityStatistics, spectrum_figure
 from vaekit.io import write_json
+from vaekit.model.activations import FP16_MAX, ActivationPeaks
 from vaekit.model.architecture import downsample_factor, is_tiny
 from vaekit.model.latents import kl_divergence
 from vaekit.model.load import load_vae
@@ -57,9 +58,6 @@ HISTOGRAM_VALUES = 1 << 16  # about this many latent values per channel are kept
 
 
 HISTOGRAM_BINS = 60
-
-
-FP16_MAX = torch.finfo(torch.float16).max  # 65504
 
 
 # An activation above this fraction of FP16_MAX on the sample images may overflow on other images.
@@ -305,35 +303,45 @@ def histogram_figure(values, result):
 # Precision: activation ranges against float16
 
 
-class ActivationRanges:
-    """Forward hooks recording the largest |output| of every module of a VAE, by qualified name."""
+# What makes a VAE fp16-safe: the fine-tune `vaekit train` runs with this config.
+FP16_FIX = "vaekit train --config configs/train/ft_fp16_safe.yaml model.source=MODEL data.path=DIR"
 
-    def __init__(self, vae):
-        self.vae = vae
-        self.maxima = {}
-        self.handles = []
 
-    def __enter__(self):
-        for name, module in self.vae.named_modules():
-            if name and not isinstance(module, (torch.nn.ModuleList, torch.nn.Dropout, torch.nn.Identity)):
-                self.handles.append(module.register_forward_hook(self.make_hook(name)))
-        return self
+@torch.no_grad()
+def measure_activations(vae, batches, group_variance=False):
+    """`ActivationPeaks` over an encode and decode (of the posterior mean) of every batch of images.
 
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
+    The one measuring pass of `inspect --precision`, of the exact rescaling and of the fp16-safe
+    fine-tune's checks; `batches` yields (B, 3, H, W) images on the model's device, in its dtype.
+    It runs diffusers' own forward, so every module (the encoder and decoder as wholes too) runs
+    as a pipeline runs it, whatever the block types.
+    """
+    with ActivationPeaks(vae, group_variance=group_variance) as peaks:
+        for x in batches:
+            vae.decode(vae.encode(x).latent_dist.mean)
+    return peaks
 
-    def make_hook(self, name):
-        """A hook folding the module's tensor outputs into self.maxima[name]."""
 
-        def hook(module, inputs, output):
-            tensors = output if isinstance(output, (tuple, list)) else (output,)
-            for t in tensors:
-                if torch.is_tensor(t) and t.is_floating_point() and t.numel():
-                    value = float(t.detach().abs().amax())
-                    self.maxima[name] = max(self.maxima.get(name, 0.0), value)
-
-        return hook
+def precision_summary(maxima):
+    """The per-layer rows, the layers that overflow or come close, and the verdict, from {layer: max |activation|}."""
+    # Layers in the order they first ran (dict order is hook order), which reads better than alphabetical.
+    layers = [{"layer": name, "max_abs": value, "fp16_fraction": value / FP16_MAX} for name, value in maxima.items()]
+    overflow = [row["layer"] for row in layers if not row["max_abs"] <= FP16_MAX]  # inf and NaN overflow too
+    close = [row["layer"] for row in layers if FP16_MARGIN * FP16_MAX < row["max_abs"] <= FP16_MAX]
+    largest = max(layers, key=lambda row: row["max_abs"]) if layers else None
+    if overflow:
+        verdict = (f"NOT fp16-safe: {len(overflow)} layer(s) exceed float16's {FP16_MAX:.0f}, first {overflow[0]}. "
+                   "Run it in bf16 or fp32 (vaekit redoes an overflowing fp16 batch in fp32, at fp32's cost), or make "
+                   f"it fp16-safe: {FP16_FIX}")
+    elif close:
+        verdict = (f"fp16-risky: {len(close)} layer(s) above {FP16_MARGIN:.0%} of float16's range on these images "
+                   f"(largest {largest['layer']}, {largest['max_abs']:.4g}); other images may overflow. Give it "
+                   f"headroom: {FP16_FIX}")
+    else:
+        fraction = largest["fp16_fraction"] if largest else 0.0
+        verdict = f"fp16-safe on these images: the largest activation is {fraction:.2%} of float16's range."
+    return {"overflow": overflow, "close": close, "fp16_safe": not overflow and not close, "verdict": verdict,
+            "layers": layers}
 
 
 def inspect_precision(config, vae=None, progress=True):
@@ -343,29 +351,18 @@ def inspect_precision(config, vae=None, progress=True):
         vae = load_vae(config.vae[0], config.override, weights=config.weights, device=device)
     vae = vae.float()
     source = open_source(config.data)
-    skipped, images = unlisted(source), 0
-    with ActivationRanges(vae) as ranges:
+    skipped, images = unlisted(source), []
+
+    def counted():
         for x in image_batches(config, source, device, skipped, "precision", progress):
-            decode(vae, encode(vae, x)[0])
-            images += len(x)
-    # Layers in the order they first ran (dict order is hook order), which reads better than alphabetical.
-    layers = [{"layer": name, "max_abs": value, "fp16_fraction": value / FP16_MAX} for name, value in ranges.maxima.items()]
-    overflow = [row["layer"] for row in layers if row["max_abs"] > FP16_MAX]
-    close = [row["layer"] for row in layers if FP16_MARGIN * FP16_MAX < row["max_abs"] <= FP16_MAX]
-    largest = max(layers, key=lambda row: row["max_abs"]) if layers else None
-    if overflow:
-        verdict = (f"NOT fp16-safe: {len(overflow)} layer(s) exceed float16's {FP16_MAX:.0f}, first {overflow[0]}. "
-                   "Run it in bf16 or fp32 (vaekit redoes an overflowing fp16 batch in fp32, at fp32's cost).")
-    elif close:
-        verdict = (f"fp16-risky: {len(close)} layer(s) above {FP16_MARGIN:.0%} of float16's range on these images "
-                   f"(largest {largest['layer']}, {largest['max_abs']:.4g}); other images may overflow.")
-    else:
-        verdict = f"fp16-safe on these images: the largest activation is {largest['fp16_fraction']:.2%} of float16's range."
+            images.append(len(x))
+            yield x
+
+    peaks = measure_activations(vae, counted())
     result = {
-        "model": config.vae[0], "data": source.description, "images": images,
+        "model": config.vae[0], "data": source.description, "images": sum(images),
         "size": config.size, "fp16_max": FP16_MAX, "margin": FP16_MARGIN, "skipped": skipped,
-        "overflow": overflow, "close": close, "fp16_safe": not overflow and not close, "verdict": verdict,
-        "layers": layers,
+        **precision_summary(peaks.maxima),
     }
     if config.out:
         write_json(Path(config.out) / "precision.json", result)

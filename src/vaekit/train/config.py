@@ -20,7 +20,8 @@ class ModelConfig:
 
     source: str = "preset:tiny"  # preset:NAME, a diffusers folder, a single file or a hub id
     overrides: dict = field(default_factory=dict)  # AutoencoderKL config fields, e.g. {latent_channels: 16}
-    mode: Literal["scratch", "decoder"] = "scratch"  # decoder: encoder and quant_conv frozen
+    # decoder: encoder and quant_conv frozen; fp16_safe: the fp16-safe fine-tune against the source (section fp16)
+    mode: Literal["scratch", "decoder", "fp16_safe"] = "scratch"
     sample_posterior: bool = True  # decode z ~ q(z|x) (latent-diffusion) rather than its mean
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the encoder and decoder
@@ -176,6 +177,28 @@ class LogConfig:
 
 
 @dataclass
+class Fp16Config:
+    """The fp16-safe fine-tune (model.mode=fp16_safe, vaekit.train.fp16_safe): headroom, penalty, what trains."""
+
+    # Headroom: every activation at most this share of float16's 65504 on the probe images. inspect --precision
+    # calls a VAE fp16-safe up to 0.25; half of that leaves other images room to run hotter.
+    target_fraction: float = 0.125
+    penalty_weight: float = 1.0  # weight of the activation penalty beside the distance to the original
+    parts: Literal["auto", "decoder", "all"] = "auto"  # auto: the encoder too only when it lacks headroom
+    # What trains of those parts: "hot", the blocks (resnet, attention, output head) holding a layer still above
+    # half the target after the exact rescaling; "all", every parameter of the parts.
+    train: Literal["hot", "all"] = "hot"
+    probe_images: int = 16  # held-out images (training images without a hold-out) the headroom is measured on
+    check_every: int = 10  # steps between headroom checks; the run stops at the first check every layer passes
+    eps_tolerance: float = 1e-3  # the largest change of a GroupNorm-normalised value the exact rescaling may make
+    moments_weight: float = 1.0  # weight of the encoder's distance to the original's moments (parts=all)
+    # Learning rate of each tensor relative to its RMS (Adafactor's relative step): a weight 1e4 times larger than
+    # another moves 1e4 times further, so layers far outside fp16's range can shrink in a few hundred steps.
+    relative_lr: bool = True
+    latent_snr_db: float = 40.0  # parts=all: the encoder's posterior means must stay this close to the original's
+
+
+@dataclass
 class TrainConfig:
     """Everything `vaekit train` reads; saved resolved as out_dir/config.yaml before the first step."""
 
@@ -190,6 +213,7 @@ class TrainConfig:
     train: RunConfig = field(default_factory=RunConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    fp16: Fp16Config = field(default_factory=Fp16Config)
 
 
 # Range rules checked before a run starts: key -> (test, what the value must be).
@@ -234,6 +258,12 @@ RULES = {
     "ema.power": (lambda v: v > 0, "above 0"),
     "distill.latent_weight": (lambda v: v > 0, "above 0 (the student's encoder learns from nothing else)"),
     "distill.teacher_decode_weight": (lambda v: v >= 0, "0 (off) or more"),
+    "fp16.target_fraction": (lambda v: 0 < v <= 0.25, "in (0, 0.25]: inspect --precision allows a quarter of the range"),
+    "fp16.penalty_weight": (lambda v: v >= 0, "0 or more"),
+    "fp16.probe_images": (lambda v: v >= 1, "at least 1"),
+    "fp16.check_every": (lambda v: v >= 1, "at least 1"),
+    "fp16.eps_tolerance": (lambda v: v > 0, "above 0"),
+    "fp16.moments_weight": (lambda v: v >= 0, "0 or more"),
 }
 
 
@@ -261,6 +291,8 @@ def check_config(config):
             raise VaekitError(f"{key} must be {what}, got {value}.")
     check_regularizers(config)
     check_distillation(config)
+    if config.model.mode == "fp16_safe":
+        check_fp16_safe(config)
 
 
 def check_regularizers(config):
@@ -310,6 +342,9 @@ def describe_losses(config, perceptual=True):
     `perceptual`: whether the LPIPS term is on (a demo run without LPIPS weights drops it).
     """
     loss, disc = config.loss, config.disc
+    if config.model.mode == "fp16_safe":
+        return (f"distance to the original model's outputs + {config.fp16.penalty_weight:g} x penalty on activation "
+                f"peaks above {config.fp16.target_fraction:g} x 65504")
     terms = [loss.reconstruction.upper()]
     if perceptual and loss.perceptual_weight > 0:
         terms.append(f"{loss.perceptual_weight:g} x LPIPS-{'Alex' if loss.perceptual_net == 'alex' else 'VGG'}")
@@ -329,3 +364,20 @@ def describe_losses(config, perceptual=True):
         if config.distill.teacher_decode_weight > 0:
             terms.append(f"{config.distill.teacher_decode_weight:g} x distance to the teacher's decode")
     return " + ".join(terms)
+
+
+def check_fp16_safe(config):
+    """The fp16-safe fine-tune learns only from its teacher, in fp32 or bf16, on the weights it measures."""
+    others = {"loss.perceptual_weight": config.loss.perceptual_weight, "disc.weight": config.disc.weight,
+              "loss.equivariance_prob": config.loss.equivariance_prob,
+              "loss.scale_equivariance_weight": config.loss.scale_equivariance_weight,
+              "loss.align_weight": config.loss.align_weight}
+    for key, value in others.items():
+        if value:
+            raise VaekitError(f"model.mode=fp16_safe learns only to match the original model (its loss is the distance "
+                              f"to the original's outputs plus the activation penalty); set {key}=0.")
+    if config.ema.enabled:
+        raise VaekitError("model.mode=fp16_safe exports the weights whose activations it measured; set ema.enabled=false.")
+    if config.train.mixed_precision == "fp16":
+        raise VaekitError("model.mode=fp16_safe trains a model that overflows float16, so it cannot run under fp16 "
+                          "autocast; use train.mixed_precision=no (or bf16).")

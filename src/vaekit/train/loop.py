@@ -49,7 +49,7 @@ from vaekit.model.load import load_vae, save_diffusers
 from vaekit.seeds import torch_generator
 from vaekit.signals import ignore_stop_signals, stop_on_signals
 from vaekit.train import checkpoint as ckpt
-from vaekit.train import distill, losses
+from vaekit.train import distill, fp16_safe, losses
 from vaekit.train.config import check_config, describe_losses
 from vaekit.train.discriminator import DiscriminatorConfig, PatchDiscriminator
 from vaekit.train.preflight import agree_ready, refuse_sharding, run_check
@@ -79,6 +79,7 @@ class Parts:
     perceptual: losses.PerceptualLoss | None = None
     regularizer: object = None  # vaekit.train.regularizers.Regularizer, when a diffusability regulariser is on
     distiller: object = None  # vaekit.train.distill.Distiller (the frozen teacher), in a distillation run
+    fp16: object = None  # vaekit.train.fp16_safe.Fp16Fix, in the fp16-safe fine-tune (model.mode=fp16_safe)
 
     @property
     def last_layer(self):
@@ -124,6 +125,7 @@ class Ready:
     perceptual: object  # the LPIPS training loss, or None
     metric_lpips: object  # the LPIPS network of validation metrics, or None
     teacher: tuple | None = None  # distillation: (frozen teacher on the device, its fingerprint)
+    fp16: object = None  # vaekit.train.fp16_safe.Fp16Fix in model.mode=fp16_safe: teacher, probe, exact rescaling
 
 
 def train(config, resume=None):
@@ -133,10 +135,12 @@ def train(config, resume=None):
     refuse_sharding()  # from the environment, before any process group: every process stops alike
     accelerator = start_run(cfg)
     ready = check_ready(cfg, accelerator, resume)
+    if ready.fp16 is not None and ready.fp16.already_safe:  # nothing to do: not a run
+        return fp16_safe.already_safe(cfg, accelerator, ready.fp16)
     checkpoint, train_ds, val_ds = ready.checkpoint, ready.train_ds, ready.val_ds
     if accelerator.is_main_process:
         save_config(cfg, Path(cfg.out_dir) / "config.yaml")
-    parts = build_parts(cfg, accelerator, ready.vae, ready.perceptual, ready.teacher)
+    parts = build_parts(cfg, accelerator, ready.vae, ready.perceptual, ready.teacher, ready.fp16)
     state = RunState()
     if checkpoint is not None:
         restore(cfg, parts, state, checkpoint, data_size(train_ds))
@@ -152,6 +156,8 @@ def train(config, resume=None):
     started = time.perf_counter()
     with stop_on_signals(log) as stop:
         while state.step < cfg.train.steps:
+            if parts.fp16 is not None and parts.fp16.done(cfg, parts, state):  # every layer has its fp16 headroom
+                break
             images, logs, finite = train_step(cfg, parts, state, batches, key_log)
             skipped, stopping = agree(accelerator, not finite, stop["signal"] is not None)
             count_skip(state, skipped)
@@ -174,8 +180,9 @@ def train(config, resume=None):
     progress.close()
     if key_log is not None:
         key_log.close()
-    if last_saved is None and state.step > 0:
-        last_saved = save(cfg, parts, state, data_size(train_ds))  # resumed at the final step: keep a checkpoint of it
+    if last_saved != ckpt.checkpoint_path(cfg.out_dir, state.step) and (state.step > 0 or parts.fp16 is not None):
+        # Resumed at the final step, or stopped early with fp16 headroom: keep a checkpoint of where it ended.
+        last_saved = save(cfg, parts, state, data_size(train_ds))
     check_trained(state, last_saved)
     return finish(cfg, parts, state, validator, last_saved, train_seconds=time.perf_counter() - started,
                   train_images=len(train_ds) if not isinstance(train_ds, StreamingImages) else None)
@@ -255,8 +262,12 @@ def check_ready(cfg, accelerator, resume):
         if data[1] is not None:
             metric = check("validation LPIPS", lambda: build_lpips_metric(cfg.validation.lpips_net,
                                                                           cfg.loss.lpips_path, perceptual))
+    fp16 = None
+    if cfg.model.mode == "fp16_safe" and vae is not None and data[0] is not None:
+        fp16 = check("fp16", lambda: fp16_safe.prepare(cfg, vae, data[0], data[1], checkpoint, accelerator.device))
     facts = {"resume_step": checkpoint.meta["step"] if checkpoint is not None else None,
-             "perceptual": perceptual is not None, "metric": metric is not None}
+             "perceptual": perceptual is not None, "metric": metric is not None,
+             "already_fp16_safe": fp16 is not None and fp16.already_safe}
     everyone = agree_ready(accelerator, failures, facts)
     steps = [f["resume_step"] for f in everyone]
     if len(set(steps)) > 1:
@@ -268,7 +279,11 @@ def check_ready(cfg, accelerator, resume):
     if metric is not None and not all(f["metric"] for f in everyone):
         log.warning("Validation LPIPS is unavailable on some processes: reporting PSNR and SSIM only.")
         metric = None
-    return Ready(checkpoint, vae, data[0], data[1], perceptual, metric, teacher)
+    if len({f["already_fp16_safe"] for f in everyone}) > 1:
+        raise VaekitError("The processes measured different activations on the same model and images (fp16 safety "
+                          "by rank: {}); every process must see the same model.source and data.".format(
+                              [f["already_fp16_safe"] for f in everyone]))
+    return Ready(checkpoint, vae, data[0], data[1], perceptual, metric, teacher, fp16)
 
 
 def prepare_run_folder(out_dir):
@@ -337,9 +352,9 @@ def build_vae(cfg, checkpoint=None, teacher=None):
     return vae
 
 
-def build_parts(cfg, accelerator, vae, perceptual=None, teacher=None):
-    """The fp32 VAE prepared with its discriminator, EMA and optimizers; the VAE, LPIPS loss and teacher from
-    `check_ready`."""
+def build_parts(cfg, accelerator, vae, perceptual=None, teacher=None, fp16=None):
+    """The fp32 VAE prepared with its discriminator, EMA and optimizers; the VAE, LPIPS loss, teacher and fp16 fix
+    from `check_ready`."""
     device = accelerator.device
     cast_vae(vae, device=device, dtype=torch.float32)  # fp32 master weights, whatever the stored dtype
     if cfg.model.gradient_checkpointing:
@@ -351,7 +366,8 @@ def build_parts(cfg, accelerator, vae, perceptual=None, teacher=None):
     if teacher is not None:  # distillation: the student encodes the images and decodes the teacher's latents
         model = distill.StudentForTraining(vae)
     else:
-        model = AutoencoderForTraining(vae, freeze_encoder=cfg.model.mode == "decoder",
+        frozen_encoder = cfg.model.mode == "decoder" or (fp16 is not None and not fp16.trains_encoder)
+        model = AutoencoderForTraining(vae, freeze_encoder=frozen_encoder,
                                        sample_posterior=cfg.model.sample_posterior,
                                        projection=regularizer.projection if regularizer is not None else None)
     disc = None
@@ -365,14 +381,18 @@ def build_parts(cfg, accelerator, vae, perceptual=None, teacher=None):
         ema = EMAModel(vae.parameters(), decay=cfg.ema.decay, update_after_step=cfg.ema.update_after_step,
                        use_ema_warmup=cfg.ema.warmup, inv_gamma=cfg.ema.inv_gamma, power=cfg.ema.power)
     trainable = [p for p in model.parameters() if p.requires_grad]  # the VAE's, then an alignment projection's
-    opt_g = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                              weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
+    if fp16 is not None:  # the fp16-safe fine-tune: relative steps (fp16.relative_lr), its hooks on this VAE
+        opt_g = fp16_safe.make_optimizer(trainable, cfg.optim, cfg.fp16.relative_lr)
+        fp16.student = vae
+    else:
+        opt_g = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
     # Schedulers are stepped once per optimizer step by this loop, not by Accelerate (which would step
     # them once per process), so their length is in optimizer steps.
     sched_g = get_scheduler(cfg.optim.scheduler, opt_g, num_warmup_steps=cfg.optim.warmup_steps,
                             num_training_steps=cfg.train.steps)
     parts = Parts(accelerator, vae, model, trainable, opt_g, sched_g, ema=ema, perceptual=perceptual,
-                  regularizer=regularizer,
+                  regularizer=regularizer, fp16=fp16,
                   distiller=distill.make_distiller(cfg, *teacher, vae) if teacher is not None else None)
     if disc is not None:
         opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc.lr, betas=tuple(cfg.disc.betas),
@@ -552,6 +572,8 @@ def vae_update(cfg, parts, state, batches, kl_weight, disc_active, key_log=None)
                     accelerator, parts.model, x, cached_latents(cfg, parts, batch, weight), loss_cfg=cfg.loss,
                     disc_cfg=cfg.disc, perceptual=parts.perceptual, disc=raw_disc, last_layer=parts.last_layer,
                     generator=generator, sample=cfg.model.sample_posterior, scale=weight / accum)
+            elif parts.fp16 is not None:  # the fp16-safe fine-tune: distance to the teacher + activation penalty
+                real, recon, micro_logs = parts.fp16.step(accelerator, parts.model, x, generator, scale=weight / accum)
             else:
                 real, recon, micro_logs = generator_step(
                     accelerator, parts.model, x, loss_cfg=cfg.loss, disc_cfg=cfg.disc, kl_weight=kl_weight,
@@ -725,6 +747,7 @@ def save(cfg, parts, state, dataset_size, interrupted=False):
             "replica_fingerprints": fingerprints,
             "skipped_images": skipped,
             "distill": parts.distiller.meta() if parts.distiller is not None else None,
+            **({"fp16": parts.fp16.meta()} if parts.fp16 is not None else {}),
         }
         ckpt.save_checkpoint(cfg.out_dir, state.step, weights, optimizers, ckpt.rng_state(), meta)
         if skipped:
@@ -874,6 +897,7 @@ def finish(cfg, parts, state, validator, last_saved, train_seconds=None, train_i
             "WARNING: the encoder differs from the base's, so its latents do too")
         values = validator.run(parts.export_state(), len(validator.images), out_dir / "reconstructions.png",
                                base=base_scores, title=title)
+    fp16_report = parts.fp16.finish(parts, out_dir) if parts.fp16 is not None else None  # before the export
     if accelerator.is_main_process:
         export = cast_vae(copy_vae(parts.vae), device="cpu")
         export.load_state_dict(parts.export_state())
@@ -916,6 +940,9 @@ def finish(cfg, parts, state, validator, last_saved, train_seconds=None, train_i
                          f"{comparison['encoder_fingerprint'][:16]})" if comparison["latents_unchanged"] else
                          "  WARNING: the encoder differs from the base's: latents are not those of the base")
         lines.append(f"  checkpoint  {last_saved}")
+        if fp16_report is not None:
+            result["fp16"] = fp16_report
+            lines += fp16_safe.summary_lines(fp16_report) + [f"  report  {out_dir / 'fp16_safe.json'}"]
         if state.skipped_images:
             lines.append(f"  {len(set(state.skipped_images))} unusable images skipped, listed in "
                          f"{out_dir / 'skipped_images.txt'}")

@@ -56,18 +56,26 @@ class AutoencoderForTraining(nn.Module):
             self.encoder_modules().eval()
         return self
 
-    def forward(self, x, generator=None, transform=None, extra=()):
+    def forward(self, x, generator=None, transform=None, extra=(), latents=None):
         """(B, 3, H, W) images -> TrainingOutputs; `transform` replaces the plain decode, `extra` adds decodes.
 
-        Both are vaekit.model.latents.LatentTransform objects applied to z.
+        Both are vaekit.model.latents.LatentTransform objects applied to z. `latents`, when
+        given, are decoded instead of a sample of the posterior (a teacher's latents); the encoder
+        then runs only when it trains, and mean / logvar are None when it does not.
         """
-        with torch.no_grad() if self.freeze_encoder else contextlib.nullcontext():
-            posterior = self.vae.encode(x).latent_dist
-        z = posterior.sample(generator=generator) if self.sample_posterior else posterior.mean
+        posterior = None
+        if latents is None or not self.freeze_encoder:
+            with torch.no_grad() if self.freeze_encoder else contextlib.nullcontext():
+                posterior = self.vae.encode(x).latent_dist
+        if latents is not None:
+            z = latents
+        else:
+            z = posterior.sample(generator=generator) if self.sample_posterior else posterior.mean
         recon = self.vae.decode(transform.latents(z) if transform is not None else z).sample
         extras = [self.vae.decode(t.latents(z)).sample for t in extra]
         projected = self.projection(z) if self.projection is not None else None
-        return TrainingOutputs(recon, posterior.mean, posterior.logvar, extras, projected)
+        mean, logvar = (posterior.mean, posterior.logvar) if posterior is not None else (None, None)
+        return TrainingOutputs(recon, mean, logvar, extras, projected)
 
 
 @contextlib.contextmanager
