@@ -318,7 +318,8 @@ def measure_activations(vae, batches, group_variance=False):
     """
     with ActivationPeaks(vae, group_variance=group_variance) as peaks:
         for x in batches:
-            vae.decode(vae.encode(x).latent_dist.mean)
+            encoded = vae.encode(x)  # an AutoencoderTiny's output is its latents; a KL one's, a posterior
+            vae.decode(encoded.latents if is_tiny(vae) else encoded.latent_dist.mean)
     return peaks
 
 
