@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import imagegen
-from conftest import reset_accelerate
+from test_train import isolated, photos  # noqa: F401 (fixtures: random-backbone LPIPS and a clean Accelerate; photos)
 from vaekit.cli import main
 from vaekit.data import to_tensor
 from vaekit.model import cast_vae, load_vae, save_diffusers
@@ -29,24 +29,6 @@ torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "train" / "ft_fp16_safe.yaml"
 LIMIT = 0.125 * FP16_MAX  # the shipped config's target
-
-
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch):
-    """Random-backbone LPIPS for the validation metric (no download); a clean Accelerate state per run."""
-    from test_train import random_lpips
-
-    monkeypatch.setattr("vaekit.pretrained.backbones.load_lpips", lambda net="vgg", path=None, device=None, **kw: random_lpips())
-    yield
-    reset_accelerate()
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """Ten small photo-like PNGs: 6 to train on, 4 held out (the probe images)."""
-    folder = tmp_path_factory.mktemp("photos")
-    imagegen.write_photos(folder, 10, size=(48, 40))
-    return folder
 
 
 def images(count=4, size=32, seed=0):
