@@ -606,3 +606,13 @@ def test_a_cache_written_before_checksums_opens_with_a_note_and_resumes_without_
     assert (summary["units_unchanged"], summary["units_repaired"]) == (2, 1), "only the damaged unit redone"
     report = verify_cache(cache, progress=False)
     assert report["without_checksums"] and not report["damaged"]
+
+
+def test_verify_of_what_is_no_cache_is_one_line_saying_so(tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("not a cache")
+    (tmp_path / "empty").mkdir()
+    for path, said in ((tmp_path / "missing", "is no folder"), (tmp_path / "file.txt", "is no folder"),
+                       (tmp_path / "empty", "is not a latent cache")):
+        assert cli.main(["cache", "verify", str(path), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -63,6 +63,11 @@ def verify_cache(cache_dir, jobs=1, progress=True):
     """Check a whole cache; returns a report dict (see `format_report`); raises only when no card can be had."""
     root = Path(cache_dir)
     started = time.perf_counter()
+    if not root.is_dir():
+        raise VaekitError(f"{root} is no folder; pass the folder `vaekit encode --out` wrote.")
+    if not any((root / name).exists() for name in ("card.json", "catalog.arrow", "units")):
+        raise VaekitError(f"{root} is not a latent cache (no card.json, catalog or units/); pass the folder "
+                          "`vaekit encode --out` wrote.")
     info, card_problem, copy = load_card(root)
     listing = scan_units(root)
     recorded = unit_card_hashes(listing) - {None}
