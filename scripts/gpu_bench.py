@@ -1078,7 +1078,7 @@ class TrainRunRunner:
         from vaekit.train.checkpoint import list_checkpoints
 
         found = list_checkpoints(self.run_dir)
-        if rc != 0 or not found:
+        if rc not in (0, 128 + signal.SIGTERM) or not found:  # 143: stopped by the SIGTERM, checkpoint saved
             raise RowFailure(f"vaekit train exited with {rc} after SIGTERM; checkpoints: {len(found)}; "
                              f"{tail_text(log_path)}")
         meta = json.loads((found[-1] / "meta.json").read_text())

@@ -92,6 +92,11 @@ def run_reconstruct(args):
         width, height = result["size"]
         shown = "inf" if math.isinf(result["psnr"]) else f"{result['psnr']:.2f}"
         print(f"{result['image']} -> {result['path']}  {width}x{height}  {result['seconds']:.2f} s  PSNR {shown} dB")
+    if rank != 0:  # rank 0 reports what was written
+        return 0
+    if results == 0:
+        raise VaekitError("No images found in the arguments (folders are searched for image files); pass image files "
+                          "or folders that hold some.")
     if len(failed) == results:
         raise VaekitError(f"Image not found or not readable, none of {len(failed)} written (first: "
                           f"{failed[0]['error']})")
