@@ -8,7 +8,7 @@ Both encode the same images with the same VAE at the same batch size, in one run
              batches, channels-last, writer thread, shards)
   model only (GPU) the encoder alone on batches already on the device: the ceiling for end to end
 
-    python scripts/bench_encode.py                      # preset:tiny on /work/shared/data/photos/train, 256 px
+    python scripts/bench_encode.py                      # preset:tiny on ../shared/data/photos/train, 256 px
     python scripts/bench_encode.py --vae DIR --resolution 512 --limit 64
 """
 
@@ -108,7 +108,7 @@ def warm_up(vae, resolution, batch_size):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vae", default="preset:tiny")
-    parser.add_argument("--data", default="/work/shared/data/photos/train")
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "photos" / "train"))
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--num_workers", type=int, default=2)
