@@ -108,7 +108,8 @@ def warm_up(vae, resolution, batch_size):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vae", default="preset:tiny")
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "photos" / "train"))
+    photos = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos" / "train"  # ../shared, beside the repo
+    parser.add_argument("--data", default=str(photos))
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--num_workers", type=int, default=2)
