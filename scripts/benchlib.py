@@ -195,3 +195,12 @@ def write_synthetic_unit(out, unit, token, card, latents, keys, bucket, original
     path = index_path(out, unit)
     write_index(path, index_table(rows, meta))
     return path
+
+
+def chosen(text, known, what="variant"):
+    """The names of a comma-separated `--variants`-style list, each one of `known`; exits naming the first unknown."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        sys.exit(f"unknown {what} {unknown[0]!r}; choose from {', '.join(known)}")
+    return names

@@ -24,6 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib lives beside this script
+from benchlib import chosen  # noqa: E402
+
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,10 +90,7 @@ def table(rows):
 def main(argv=None):
     """Train the chosen candidates (those without results first), print and save the table."""
     args = parse_args(argv)
-    names = [n.strip() for n in (args.only or ",".join(CANDIDATES)).split(",") if n.strip()]
-    unknown = [n for n in names if n not in CANDIDATES]
-    if unknown:
-        sys.exit(f"unknown candidate {unknown[0]!r}; choose from {', '.join(CANDIDATES)}")
+    names = chosen(args.only or ",".join(CANDIDATES), CANDIDATES, "candidate")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     store = out / "results.json"

@@ -27,6 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib lives beside this script
+from benchlib import chosen  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "photos"
 
@@ -76,10 +79,7 @@ def train(run, source, steps, args, overrides=()):
 def main(argv=None):
     """Train the base and the variants, evaluate and probe them, print and save the table."""
     args = parse_args(argv)
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        sys.exit(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    names = chosen(args.variants, VARIANTS)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
