@@ -291,6 +291,42 @@ def test_a_tar_gz_with_a_bad_checksum_is_an_unreadable_shard(tmp_path):
     assert caught.value.reason == "unreadable shard" and "CRC" in str(caught.value)
 
 
+def test_a_command_that_goes_on_writing_after_a_valid_tar_gz_is_stopped(tmp_path):
+    body = io.BytesIO()
+    with tarfile.open(fileobj=body, mode="w") as tar:
+        add_member(tar, "a.png", png(0))
+    shard = tmp_path / "good.tar.gz"
+    shard.write_bytes(gzip.compress(body.getvalue()))
+    # gzip skips zeros after a member as padding, and bytes keep coming, so no read timeout fires
+    # (8 MiB of them here; a command can write them for ever)
+    found = []
+    with pytest.raises(ImageError) as caught:
+        for key, data in shard_samples(f"pipe:cat {shard}; head -c 8388608 /dev/zero", timeout=30):
+            found.append((key, len(data)))
+    assert found == [("a", len(png(0)))]
+    assert caught.value.reason == "unreadable shard" and "after the end of its tar archive" in str(caught.value)
+
+
+@pytest.mark.parametrize("suffix,compress", [(".tar.bz2", "bz2"), (".tar.xz", "lzma")])
+def test_bzip2_and_xz_shards_in_a_folder_are_found_and_streamed(tmp_path, suffix, compress):
+    import bz2
+    import lzma
+
+    from vaekit.data.shards import expand_shards
+    from vaekit.data.streaming import is_streamed
+
+    body = io.BytesIO()
+    with tarfile.open(fileobj=body, mode="w") as tar:
+        add_member(tar, "a.png", png(0))
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    shard = folder / f"part{suffix}"
+    shard.write_bytes({"bz2": bz2, "lzma": lzma}[compress].compress(body.getvalue()))
+    assert expand_shards(folder) == [str(shard)]
+    assert is_streamed(folder) and is_streamed(shard)
+    assert [(key, len(data)) for key, data in shard_samples(str(shard))] == [("a", len(png(0)))]
+
+
 PEAK_RSS = """
 import resource, sys
 import webdataset  # what reading a shard imports (torch among it): the baseline

@@ -1,7 +1,7 @@
 """WebDataset shards as streams: shard lists (local, brace patterns, `pipe:`, URLs) and their samples.
 
 Shards are opened by the `webdataset` library's own `gopen`, so everything it opens works here:
-plain and compressed tars (`.tar`, `.tar.gz`, `.tgz`), `pipe:` commands (`pipe:aws s3 cp
+plain and compressed tars (`.tar`, `.tar.gz` / `.tgz`, `.tar.bz2`, `.tar.xz`), `pipe:` commands (`pipe:aws s3 cp
 s3://bucket/x.tar -`, `pipe:cat x.tar`), http(s) URLs; keys and extensions are split by its
 `base_plus_ext`. A shard is read once, front to back; nothing indexes all shards, so a process holds
 one shard list and one sample.
@@ -28,7 +28,9 @@ from vaekit.data.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_READ_TIMEOUT, IM
 from vaekit.data.decode import ImageError, check_size
 from vaekit.errors import VaekitError, describe_exception
 
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# Compressed tars cannot be indexed (an offset needs everything before it inflated): they are streamed.
+COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+SHARD_SUFFIXES = (".tar", *COMPRESSED_SUFFIXES)
 
 # A spec with a scheme ("pipe:", "http://", "s3://", "file:") is opened by webdataset's gopen;
 # Windows drive letters ("C:\") are not schemes.
@@ -179,8 +181,28 @@ def read_tar(stream, wanted, max_bytes):
                 yield member
 
         yield from tar_samples(members(), wanted, max_bytes, lambda member: tar.extractfile(member).read())
-    while source is not stream and source.read(READ_SIZE):  # a bad CRC raises here: the shard is unusable
-        pass
+    if source is stream:
+        return
+    # Read on to the compressor's end, where a bad checksum raises (the shard is then unusable), but
+    # not for ever: the read timeout only fires when bytes stop coming, and a command that writes
+    # zeros after a valid .tar.gz (gzip skips them as padding) or more compressed members would
+    # otherwise be read without end.
+    stream.raw.limit_to(stream.raw.count + TRAILING_LIMIT)
+    drained = 0
+    while data := source.read(READ_SIZE):
+        drained += len(data)
+        if drained > TRAILING_LIMIT:
+            raise OSError(too_much_after_the_end())
+
+
+# What may follow a compressed tar's end marker: the rest of its last record (tar pads to records of
+# 10 KiB by default; this allows blocking factors up to 2048) and the compressor's trailer.
+TRAILING_LIMIT = 1 << 20
+
+
+def too_much_after_the_end():
+    return (f"more than {TRAILING_LIMIT >> 20} MiB of data after the end of its tar archive, where only padding "
+            "belongs; check the file or the command that writes it")
 
 
 def decompressed(stream):
@@ -299,7 +321,7 @@ class ShardStream(io.RawIOBase):
         from webdataset.gopen import Pipe, gopen, rewrite_url
 
         self.timeout, self.on_read = timeout, on_read
-        self.count, self.group = 0, False
+        self.count, self.group, self.limit = 0, False, None
         url = rewrite_url(url)
         if url.startswith("pipe:"):
             if wds_utils.enforce_security:
@@ -333,9 +355,15 @@ class ShardStream(io.RawIOBase):
                 data += more
         if data:
             self.count += len(data)
+            if self.limit is not None and self.count > self.limit:
+                raise OSError(too_much_after_the_end())
             if self.on_read is not None:
                 self.on_read(self.count)
         return data
+
+    def limit_to(self, count):
+        """Fail a read that would bring the bytes read past `count`."""
+        self.limit = count
 
     def readinto(self, buffer):
         data = self.read(len(buffer))

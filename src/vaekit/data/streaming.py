@@ -25,18 +25,17 @@ import torch
 from vaekit.data.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_READ_TIMEOUT, IMAGE_EXTENSIONS
 from vaekit.data.crops import train_pixels
 from vaekit.data.decode import ImageError, decode_image
-from vaekit.data.shards import expand_shards, is_local, looks_like_shards, shard_samples
+from vaekit.data.shards import COMPRESSED_SUFFIXES, expand_shards, is_local, looks_like_shards, shard_samples
 from vaekit.data.sources import Source
 from vaekit.errors import VaekitError
 from vaekit.seeds import numpy_rng, torch_generator
 
-STREAMED_SUFFIXES = (".tar.gz", ".tgz")
 
 
 def is_streamed(spec, mode="auto", source="auto"):
     """Whether `data.path` is read as a stream: `mode` on/off, or auto for what cannot be indexed.
 
-    auto streams `pipe:` commands, URLs and gzip-compressed shards (a file, pattern or a folder of
+    auto streams `pipe:` commands, URLs and compressed shards (gzip, bzip2, xz) (a file, pattern or a folder of
     only them); plain local `.tar` shards, image folders and data sets stay indexed as before.
     """
     if mode in ("on", "off"):
@@ -46,13 +45,13 @@ def is_streamed(spec, mode="auto", source="auto"):
         return False
     if looks_like_shards(spec) and not is_local(spec):
         return True  # pipe:, http(s)://, s3://
-    if spec.lower().endswith(STREAMED_SUFFIXES):
+    if spec.lower().endswith(COMPRESSED_SUFFIXES):
         return True
     path = Path(spec)
     if path.is_dir():
         names = [p.name.lower() for p in path.iterdir() if not p.name.startswith(".")]
         indexed = (".tar", *IMAGE_EXTENSIONS)
-        return any(n.endswith(STREAMED_SUFFIXES) for n in names) and not any(n.endswith(indexed) for n in names)
+        return any(n.endswith(COMPRESSED_SUFFIXES) for n in names) and not any(n.endswith(indexed) for n in names)
     return False
 
 
