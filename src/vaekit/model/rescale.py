@@ -267,7 +267,7 @@ def plan_rescale(vae, maxima, limit, variances=None, parts=PARTS, eps_tolerance=
     for gauge in graph.gauges.values():
         scale = scales[gauge.name]
         if scale != 1:
-            rows.append({"gauge": gauge.name, "kind": gauge.kind, "part": gauge.part, "scale": scale,
+            rows.append({"gauge": gauge.name, "kind": gauge.kind, "part": gauge.part, "exact": True, "scale": scale,
                          "peak_before": max(maxima.get(n, 0.0) for n in gauge.activations),
                          "peak_after": max(maxima.get(n, 0.0) * scale**p for n, p in gauge.activations.items()),
                          "groupnorm_eps_effect": effects[gauge.name], "limited_by_eps": gauge.name in limited,
@@ -373,3 +373,70 @@ def owning_blocks(vae, layers):
         else:
             return None
     return sorted(owners)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Approximate: GroupNorm -> SiLU -> conv chains
+
+# max over x of |SiLU(x) - ReLU(x)| = max |x| sigmoid(-|x|), reached at |x| = 1.2785 (the root of
+# 1 + e^-x = x): SiLU's only departure from positive homogeneity.
+SILU_GAP = 0.2785
+
+
+def silu_chains(vae, parts=PARTS):
+    """[(GroupNorm, conv) module names] of `parts`: a GroupNorm with affine weights, then a SiLU, then a conv.
+
+    Each resnet's norm1 -> conv1 and norm2 -> conv2, and the conv_norm_out -> conv_out head of the
+    encoder and of the decoder (a SpatialNorm head or another activation is left out).
+    """
+    chains = []
+    for part in parts:
+        for name, module in getattr(vae, part).named_modules(prefix=part):
+            if type(module).__name__ == "ResnetBlock2D" and isinstance(module.nonlinearity, torch.nn.SiLU):
+                chains += [(f"{name}.norm1", f"{name}.conv1"), (f"{name}.norm2", f"{name}.conv2")]
+        head = getattr(vae, part)
+        if isinstance(getattr(head, "conv_act", None), torch.nn.SiLU):
+            chains.append((f"{part}.conv_norm_out", f"{part}.conv_out"))
+    return [(norm, conv) for norm, conv in chains
+            if isinstance(vae.get_submodule(norm), torch.nn.GroupNorm) and vae.get_submodule(norm).affine
+            and isinstance(vae.get_submodule(conv), torch.nn.Conv2d)]
+
+
+def plan_chain_rescale(vae, maxima, limit, parts=PARTS):
+    """Power-of-two scales for the GroupNorm -> SiLU -> conv chains whose GroupNorm output exceeds `limit`.
+
+    Not exact: dividing the GroupNorm's weight and bias by s and multiplying the conv's weight by s
+    computes conv(s * SiLU(y / s)) instead of conv(SiLU(y)). SiLU(x) = ReLU(x) - |x| sigmoid(-|x|),
+    ReLU passes scales through, and the second term lies in [-0.2785, 0]; so the conv's input
+    changes by at most 0.2785 s per element, in the units of the GroupNorm output y. For a GroupNorm
+    that overflows (y near 1e5) the smallest sufficient s changes it by a few 1e-5 of its peak: an
+    overflow turned into a small function change that the fine-tune then removes.
+    `maxima`: the largest |activation| per module (after the exact rescaling). Returns {"chains":
+    [a row per rescaled chain], "parts"}; `apply_chain_rescale` applies it.
+    """
+    rows = []
+    for norm, conv in silu_chains(vae, parts):
+        peak = maxima.get(norm, 0.0)
+        if not (math.isfinite(peak) and peak > limit):
+            continue
+        scale = 2.0 ** math.ceil(math.log2(peak / limit))
+        rows.append({"chain": norm, "conv": conv, "kind": "GroupNorm -> SiLU -> conv", "exact": False,
+                     "part": norm.split(".", 1)[0], "scale": 1 / scale, "peak_before": peak, "peak_after": peak / scale,
+                     "silu_change_bound": SILU_GAP * scale, "relative_change_bound": SILU_GAP * scale / peak,
+                     "parameters": {f"{norm}.weight": 1 / scale, f"{norm}.bias": 1 / scale, f"{conv}.weight": scale}})
+    return {"chains": rows, "parts": list(parts)}
+
+
+@torch.no_grad()
+def apply_chain_rescale(vae, plan):
+    """Multiply the parameters of `plan`'s chains in place (powers of two: exact multiplications); returns their factors."""
+    known = set(silu_chains(vae, plan["parts"]))
+    edited = {}
+    for row in plan["chains"]:
+        if (row["chain"], row["conv"]) not in known:
+            raise VaekitError(f"The rescaling plan names a chain this model lacks ({row['chain']} -> {row['conv']}); "
+                              f"it was made for another architecture.")
+        for name, value in row["parameters"].items():
+            vae.get_parameter(name).mul_(value)
+            edited[name] = value
+    return edited

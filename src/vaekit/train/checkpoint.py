@@ -7,6 +7,8 @@
       ema.safetensors      the EMA weights (when EMA is on): what exports use
       disc.safetensors     the discriminator (when it is on)
       align.safetensors    the latent-alignment projection (when loss.align_weight > 0)
+      fp16_best.safetensors  model.mode=fp16_safe: the trained parameters of the check with headroom closest to
+                           the original, which the run exports (once a check had headroom)
       optimizer.pt         optimizer states, {"vae": ..., "disc": ...}, read with weights_only=True
       rng.pt               Python, numpy and torch RNG states, read with weights_only=True
 
@@ -36,7 +38,7 @@ from vaekit.model.tiny import make_tiny_config, tiny_from_state_dict
 CHECKPOINT_FORMAT = "vaekit-train-checkpoint"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_FILES = {"vae": "vae.safetensors", "ema": "ema.safetensors", "disc": "disc.safetensors",
-                "align": "align.safetensors"}
+                "align": "align.safetensors", "fp16_best": "fp16_best.safetensors"}
 
 
 @dataclass

@@ -189,13 +189,19 @@ class Fp16Config:
     # half the target after the exact rescaling; "all", every parameter of the parts.
     train: Literal["hot", "all"] = "hot"
     probe_images: int = 16  # held-out images (training images without a hold-out) the headroom is measured on
-    check_every: int = 10  # steps between headroom checks; the run stops at the first check every layer passes
+    check_every: int = 10  # steps between headroom and fidelity checks
     eps_tolerance: float = 1e-3  # the largest change of a GroupNorm-normalised value the exact rescaling may make
     moments_weight: float = 1.0  # weight of the encoder's distance to the original's moments (parts=all)
     # Learning rate of each tensor relative to its RMS (Adafactor's relative step): a weight 1e4 times larger than
     # another moves 1e4 times further, so layers far outside fp16's range can shrink in a few hundred steps.
     relative_lr: bool = True
     latent_snr_db: float = 40.0  # parts=all: the encoder's posterior means must stay this close to the original's
+    # Once a check has the headroom, the run fits the original on (the learning rate decaying as a cosine to 0 at
+    # train.steps) until the fp32 decode of the probe images is this close to the original's (PSNR), or steps end.
+    decode_psnr_db: float = 40.0
+    # GroupNorm -> SiLU -> conv chains whose GroupNorm still overflows after the exact rescaling: weight and bias
+    # of the GroupNorm / s, the conv's weight x s. Not exact (SiLU is not scale-equivariant), the change bounded.
+    approximate: bool = True
 
 
 @dataclass
@@ -264,6 +270,8 @@ RULES = {
     "fp16.check_every": (lambda v: v >= 1, "at least 1"),
     "fp16.eps_tolerance": (lambda v: v > 0, "above 0"),
     "fp16.moments_weight": (lambda v: v >= 0, "0 or more"),
+    "fp16.decode_psnr_db": (lambda v: v > 0, "above 0 (dB)"),
+    "fp16.latent_snr_db": (lambda v: v > 0, "above 0 (dB)"),
 }
 
 

@@ -8,15 +8,21 @@ A VAE whose activations exceed 65504 decodes to black or NaN in fp16 (the SDXL V
 2. rescales exactly what can be rescaled (`vaekit.model.rescale`: residual streams, resnet conv1s,
    attention values and query/key pairs, the quant convs' sides), so every such layer ends at most
    at `fp16.target_fraction` of 65504. The fp32 function is unchanged up to the GroupNorm eps;
+   then, with `fp16.approximate`, the GroupNorm -> SiLU -> conv chains whose GroupNorm still
+   overflows (a small, bounded change of the function, which the fine-tune then removes);
 3. fine-tunes what remains against the original as a frozen fp32 teacher: the loss is the mean
    squared distance of the decoded images to the teacher's (from the teacher's latents), plus,
    when the encoder trains, of the posterior moments, plus `fp16.penalty_weight` times the squared
    excess of every activation above half the target (measured through the same hooks);
-4. checks every `fp16.check_every` steps and stops at the first check where every layer is at most
-   the target on the probe images, an fp16 encode and decode of them is finite and, when the encoder
-   trains, its fp32 posterior means are within `fp16.latent_snr_db` of the original's;
-5. exports as every run does and reports, against the original in fp32, the fp16 output PSNR
-   before and after (`fp16_safe.json`).
+4. checks every `fp16.check_every` steps. A check *has headroom* when every layer is at most the
+   target on the probe images and an fp16 encode and decode of them is finite. From the first such
+   check on, the learning rate decays (a cosine to 0 at `train.steps`) while the run keeps fitting
+   the teacher under the penalty; it stops at the first check with headroom whose fidelity meets
+   the targets (fp32 decode PSNR against the original at least `fp16.decode_psnr_db`, and, when
+   the encoder trains, latent SNR at least `fp16.latent_snr_db`), or when `train.steps` run out;
+5. exports the state of the check with headroom that came closest to the teacher (never one
+   without headroom: with none, nothing is exported) and reports, against the original in fp32,
+   the fp16 output PSNR before and after and the fp32 fidelity (`fp16_safe.json`).
 
 Which parts change (`fp16.parts`): `decoder` leaves the encoder and quant_conv untouched, so the
 latents stay bit-identical; `all` rescales and trains the encoder too, its posterior means held
@@ -36,7 +42,7 @@ from vaekit.eval.diagnostics import FP16_MARGIN, measure_activations, precision_
 from vaekit.io import write_json
 from vaekit.model.activations import FP16_MAX, ActivationPeaks
 from vaekit.model.architecture import cast_vae, copy_vae, fingerprint
-from vaekit.model.rescale import apply_rescale, owning_blocks, plan_rescale
+from vaekit.model.rescale import apply_chain_rescale, apply_rescale, owning_blocks, plan_chain_rescale, plan_rescale
 from vaekit.train.teacher import load_teacher
 from vaekit.train.validation import take_images
 
@@ -49,6 +55,11 @@ DECODER = ("post_quant_conv", "decoder")
 # (the others cost no penalty graph): a training batch pushed under half the target leaves unseen
 # images, the probe's among them, room to run hotter than the images trained on.
 WATCH = 0.5
+# Once a check had the headroom, the fitting phase penalises only above this share: the slack between it and the
+# target lets the layers after a shrunk one grow back towards the original's function (on the test VAE whose encoder
+# overflows, trained alone for 300 steps: latent SNR 32.8 dB against 29.1 at WATCH), and the exported state is always
+# one a check found within the target.
+FIT_WATCH = 0.75
 
 
 def is_encoder(name):
@@ -75,6 +86,12 @@ class Fp16Fix:
     student: torch.nn.Module | None = None
     last_check: dict = field(default_factory=dict)
     teacher_fingerprint: str = ""
+    steps: int = 0  # train.steps: where the decay of the fitting phase ends
+    step_now: int = 0  # the optimizer steps taken, for `lr_factor`
+    headroom_step: int | None = None  # the first check with headroom: the fitting phase starts there
+    best: dict | None = None  # {"step", "score", "decode_psnr_db"[, "latent_snr_db"]} of the closest state with headroom
+    best_weights: dict | None = None  # its trained parameters (on the CPU): what is exported
+    exportable: bool = False  # set by `finish`: a state with headroom exists and is in the model
 
     @property
     def trains_encoder(self):
@@ -93,7 +110,7 @@ class Fp16Fix:
             posterior = self.teacher.encode(x).latent_dist
             z = posterior.sample(generator=generator) if self.sample_posterior else posterior.mean
             target = self.teacher.decode(z).sample
-        watched = WATCH * self.limit
+        watched = self.watch() * self.limit
         with accelerator.autocast(), ActivationPeaks(self.student, limit=watched, penalized=self.penalized) as peaks:
             out = model(x, latents=z)
         distance = F.mse_loss(out.recon.float(), target.float())
@@ -121,26 +138,65 @@ class Fp16Fix:
         fp16.check_every (only there, so a resumed run checks, and penalises, as an uninterrupted
         one) and updates the penalised layers.
         """
+        self.step_now = state.step
         if state.step % self.cfg.check_every:
             return False
         check = self.check(parts.vae, parts.accelerator)
         self.last_check = {"step": state.step, **check}
-        watched = WATCH * self.limit
+        watched = self.watch() * self.limit
         self.penalized = {name for name, value in check["maxima"].items()
                           if not value <= watched and (self.trains_encoder or not is_encoder(name))}
         largest = max(check["maxima"], key=check["maxima"].get)
         log.info("step %d  fp16 check: largest activation %.4g (%.2f%% of float16's range) at %s; %d layer(s) above "
-                 "the target %.4g; fp16 pass %s%s", state.step, check["maxima"][largest],
+                 "the target %.4g; fp16 pass %s; fp32 decode PSNR %s%s", state.step, check["maxima"][largest],
                  100 * check["maxima"][largest] / FP16_MAX, largest, len(check["above"]), self.limit,
-                 "finite" if check["finite"] else "NOT finite",
+                 "finite" if check["finite"] else "NOT finite", fmt_db(check["decode_psnr_db"]),
                  f"; latent SNR {fmt_db(check['latent_snr_db'])}" if "latent_snr_db" in check else "")
-        # A trained encoder must also be back within the latent tolerance: the headroom alone comes first, and
-        # stopping there would keep whatever the penalty's first steps cost the latents.
-        close = check.get("latent_snr_db", math.inf) >= self.cfg.latent_snr_db
-        return not check["above"] and check["finite"] and close
+        if not has_headroom(check):
+            return False
+        if self.headroom_step is None:
+            self.headroom_step = state.step
+            if self.score(check) < 0:
+                log.info("step %d  every layer has its fp16 headroom; fitting the original on, the learning rate "
+                         "decaying to 0 at step %d, until the fidelity targets are met", state.step, self.steps)
+        self.keep_if_best(parts.vae, check, state.step)
+        # The headroom alone comes first, and stopping there would keep whatever the penalty's steps cost the
+        # outputs: the run goes on until they are back within the fidelity targets.
+        return self.score(check) >= 0
+
+    def watch(self):
+        """The share of the target above which activations are penalised: WATCH, FIT_WATCH once a check had headroom."""
+        return WATCH if self.headroom_step is None else FIT_WATCH
+
+    def score(self, check):
+        """A check's fidelity margin in dB: min(decode PSNR - target[, latent SNR - target]); >= 0 meets the targets."""
+        margins = [check["decode_psnr_db"] - self.cfg.decode_psnr_db]
+        if "latent_snr_db" in check:
+            margins.append(check["latent_snr_db"] - self.cfg.latent_snr_db)
+        return min(margins)
+
+    def keep_if_best(self, vae, check, step):
+        """Remember `vae`'s trained parameters when this check (which has headroom) is the closest to the teacher yet."""
+        score = self.score(check)
+        if self.best is not None and not score > self.best["score"]:
+            return
+        self.best = {"step": step, "score": score, "decode_psnr_db": check["decode_psnr_db"],
+                     **({"latent_snr_db": check["latent_snr_db"]} if "latent_snr_db" in check else {})}
+        self.best_weights = {name: p.detach().to("cpu", copy=True) for name, p in vae.named_parameters()
+                             if p.requires_grad}
+
+    def lr_factor(self):
+        """The learning rate's factor at the coming step: 1 until the headroom, then a cosine from 1 to 0 at train.steps."""
+        if self.headroom_step is None or self.steps <= self.headroom_step:
+            return 1.0
+        done = min(1.0, (self.step_now - self.headroom_step) / (self.steps - self.headroom_step))
+        return 0.5 * (1 + math.cos(math.pi * done))
 
     def check(self, vae, accelerator):
-        """{"maxima", "above", "finite"[, "latent_snr_db"]} of `vae` on the probe images, every process its share, agreed by reduction."""
+        """{"maxima", "above", "finite", "decode_psnr_db"[, "latent_snr_db"]} of `vae` on the probe images.
+
+        Every process measures its share; the numbers are agreed by reduction.
+        """
         rank, world = accelerator.process_index, accelerator.num_processes
         mine = self.probe[rank::world]
         names = [name for name, _ in self.student.named_modules() if name]
@@ -159,41 +215,56 @@ class Fp16Fix:
         maxima = {k: (v if math.isfinite(v) else math.inf) for k, v in maxima.items()}
         check = {"maxima": maxima, "above": sorted(n for n, v in maxima.items() if not v <= self.limit),
                  "finite": values[-1] == 0.0}
-        if self.trains_encoder:  # the latent tolerance: sums of squares over every process's share
-            sums = latent_error(self.teacher, vae, mine, self.batch_size, device)
-            if world > 1:
-                sums = accelerator.reduce(sums, "sum")
-            error, signal = sums.cpu().tolist()
-            if not math.isfinite(error):
-                check["latent_snr_db"] = -math.inf
-            else:
-                check["latent_snr_db"] = math.inf if error == 0 else 10 * math.log10(signal / error)
+        # Fidelity: sums of squares over every process's share
+        sums = fidelity_sums(self.teacher, vae, mine, self.batch_size, device)
+        if world > 1:
+            sums = accelerator.reduce(sums, "sum")
+        latent_error, signal, decode_error, elements = sums.cpu().tolist()
+        check["decode_psnr_db"] = ratio_db(4 * elements, decode_error)  # images in [-1, 1]: peak-to-peak 2
+        if self.trains_encoder:
+            check["latent_snr_db"] = ratio_db(signal, latent_error)
         return check
 
     # ------------------------------------------------------------------------------------------
     # The end
 
     def meta(self):
-        """What a checkpoint keeps of the fix (JSON): the teacher's fingerprint, parts, rescaling, before, penalised layers."""
+        """What a checkpoint keeps of the fix (JSON): the teacher's fingerprint, parts, rescaling, before, penalised
+        layers, the fitting phase's start and the best state's numbers (its weights go beside, `best_weights`)."""
         return {"teacher": self.teacher_fingerprint, "parts": self.parts, "trained": self.trained,
-                "rescale": self.rescale, "before": self.before, "penalized": sorted(self.penalized)}
+                "rescale": self.rescale, "before": self.before, "penalized": sorted(self.penalized),
+                "headroom_step": self.headroom_step, "best": self.best}
 
-    def finish(self, parts, out_dir):
-        """The final check (every process) and, on the main process, the before/after report; returns it.
+    def finish(self, parts, out_dir, step):
+        """The final check, the best state put back (every process) and, on the main process, the report; returns it.
 
-        Marks the model fp16-ready (diffusers' config force_upcast=False) when every layer has headroom.
+        The state exported is the one closest to the teacher among the checks with headroom, this
+        final one included; without any, `exportable` stays False and nothing may be exported.
+        Marks the model fp16-ready (diffusers' config force_upcast=False) when it is exported.
         """
-        accelerator = parts.accelerator
-        check = self.check(parts.vae, accelerator)
-        safe = not check["above"] and check["finite"]
-        if safe:
-            parts.vae.register_to_config(force_upcast=False)  # pipelines may then run it in fp16 as it is
+        accelerator, vae = parts.accelerator, parts.vae
+        check = self.check(vae, accelerator)
+        if has_headroom(check):
+            self.keep_if_best(vae, check, step)
+        exported_step = step
+        if self.best is not None and self.best["step"] != step:  # an earlier check came closer: its weights
+            with torch.no_grad():
+                for name, value in self.best_weights.items():
+                    vae.get_parameter(name).copy_(value)
+            check, exported_step = self.check(vae, accelerator), self.best["step"]
+        self.exportable = self.best is not None
+        if self.exportable:
+            vae.register_to_config(force_upcast=False)  # pipelines may then run it in fp16 as it is
         if not accelerator.is_main_process:
             return None
-        after = outputs_against(self.teacher, parts.vae, self.probe, self.batch_size, accelerator.device)
+        after = outputs_against(self.teacher, vae, self.probe, self.batch_size, accelerator.device)
         report = {
             "target_fraction": self.cfg.target_fraction, "limit": self.limit, "parts": self.parts,
-            "probe_images": len(self.probe), "reached": safe,
+            "probe_images": len(self.probe), "reached": has_headroom(check), "exported": self.exportable,
+            "steps": step, "headroom_step": self.headroom_step, "exported_step": exported_step if self.exportable else None,
+            "fidelity_targets": {"decode_psnr_db": self.cfg.decode_psnr_db,
+                                 **({"latent_snr_db": self.cfg.latent_snr_db} if self.trains_encoder else {})},
+            "fidelity_reached": self.exportable and self.score(check) >= 0,
             "before": self.before,
             "after": {**after, "largest": largest_row(check["maxima"]),
                       "verdict": precision_summary(check["maxima"])["verdict"], "above_target": check["above"]},
@@ -224,7 +295,7 @@ def prepare(cfg, vae, train_ds, val_ds, checkpoint, device):
     probe = probe_images(train_ds, val_ds, fp16.probe_images)
     teacher = load_teacher(cfg.model.source, device)
     fix = Fp16Fix(fp16, teacher, probe, cfg.validation.batch_size, cfg.model.sample_posterior,
-                  fp16.target_fraction * FP16_MAX, teacher_fingerprint=fingerprint(teacher))
+                  fp16.target_fraction * FP16_MAX, teacher_fingerprint=fingerprint(teacher), steps=cfg.train.steps)
     earlier = checkpoint.meta.get("fp16") if checkpoint is not None else None
     if earlier is not None:
         if earlier["teacher"] != fix.teacher_fingerprint:
@@ -232,6 +303,9 @@ def prepare(cfg, vae, train_ds, val_ds, checkpoint, device):
                               f"differ); resume with the original model.source.")
         fix.parts, fix.rescale, fix.before = earlier["parts"], earlier["rescale"], earlier["before"]
         fix.penalized, fix.trained = set(earlier["penalized"]), earlier["trained"]
+        fix.headroom_step, fix.best = earlier.get("headroom_step"), earlier.get("best")
+        fix.best_weights = checkpoint.weights.get("fp16_best") if fix.best is not None else None
+        fix.step_now = checkpoint.meta["step"]
         freeze_all_but(vae, fix.trained)
         return fix
     peaks = measure_activations(teacher, batches(probe, fix.batch_size, device), group_variance=True)
@@ -248,6 +322,11 @@ def prepare(cfg, vae, train_ds, val_ds, checkpoint, device):
                         parts=("encoder", "decoder") if fix.parts == "all" else ("decoder",),
                         eps_tolerance=fp16.eps_tolerance)
     apply_rescale(vae, plan)
+    chains = {"chains": []}
+    if fp16.approximate:  # what the exact plan left above the target inside GroupNorm -> SiLU -> conv chains
+        chains = plan_chain_rescale(vae, plan["predicted"], fix.limit,
+                                    parts=("encoder", "decoder") if fix.parts == "all" else ("decoder",))
+        apply_chain_rescale(vae, chains)
     exact = outputs_against(teacher, vae, probe, fix.batch_size, device)
     rescaled = measured(vae, probe, fix.batch_size, device)
     changing = [name for name in rescaled if fix.parts == "all" or not is_encoder(name)]
@@ -256,7 +335,8 @@ def prepare(cfg, vae, train_ds, val_ds, checkpoint, device):
     fix.trained = owners or list(ENCODER + DECODER if fix.parts == "all" else DECODER)
     fix.penalized = set(hot)
     freeze_all_but(vae, fix.trained)
-    fix.rescale = {"gauges": plan["gauges"], "fixed": plan["fixed"], "eps_tolerance": fp16.eps_tolerance,
+    fix.rescale = {"gauges": plan["gauges"], "chains": chains["chains"], "fixed": plan["fixed"],
+                   "eps_tolerance": fp16.eps_tolerance,
                    "fp32_after_rescale": {k: exact[k] for k in ("decode_psnr_fp32", "latent_snr_db_fp32")},
                    "largest_after_rescale": largest_row(rescaled),
                    "above_target_after_rescale": [name for name in changing if not rescaled[name] <= fix.limit],
@@ -335,14 +415,33 @@ def fp16_finite(vae, images, batch_size, device):
 
 
 @torch.no_grad()
-def latent_error(teacher, vae, images, batch_size, device):
-    """(2,) float64 tensor on `device`: the squared error of `vae`'s fp32 posterior means against the teacher's, and their energy."""
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
+def fidelity_sums(teacher, vae, images, batch_size, device):
+    """(4,) float64 tensor on `device`: how far `vae` in fp32 is from the teacher, as sums of squares.
+
+    The squared error of its posterior means against the teacher's and their energy; the squared
+    error of its decodes of the teacher's means (clamped to [-1, 1]) and their element count.
+    """
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     for x in batches(images, batch_size, device):
         reference = teacher.encode(x).latent_dist.mean
+        target = teacher.decode(reference).sample.clamp(-1, 1)
         sums[0] += (vae.encode(x).latent_dist.mean - reference).double().square().sum()
         sums[1] += reference.double().square().sum()
+        sums[2] += (vae.decode(reference).sample.clamp(-1, 1) - target).double().square().sum()
+        sums[3] += target.numel()
     return sums
+
+
+def ratio_db(signal, error):
+    """10 log10(signal / error): inf for no error, -inf for a non-finite one."""
+    if not math.isfinite(error):
+        return -math.inf
+    return math.inf if error == 0 else 10 * math.log10(signal / error)
+
+
+def has_headroom(check):
+    """Whether a check found every layer within the target and a finite fp16 pass."""
+    return not check["above"] and check["finite"]
 
 
 @torch.no_grad()
@@ -403,17 +502,22 @@ class RelativeAdamW(torch.optim.AdamW):
     Adafactor's relative step size (Shazeer & Stern 2018, section 8) on Adam: every tensor moves by
     about the same fraction of its own size, so a layer whose weights are 1e4 times larger than
     usual (what makes activations overflow) can shrink in the same number of steps as any other.
-    The RMS is taken at every step; an all-zero tensor stays zero.
+    The RMS is taken at every step; an all-zero tensor stays zero. `relative=False` keeps Adam's
+    absolute steps. `factor` (a callable) multiplies the learning rate at each step, on top of the
+    scheduler's: the fitting phase's decay, which starts at a step known only while training.
     """
 
-    def __init__(self, params, **kwargs):
+    def __init__(self, params, relative=True, factor=None, **kwargs):
         super().__init__([{"params": [p]} for p in params], **kwargs)
+        self.relative, self.factor = relative, factor
 
     @torch.no_grad()
     def step(self, closure=None):
         rates = [group["lr"] for group in self.param_groups]
+        factor = self.factor() if self.factor is not None else 1.0
         for group in self.param_groups:
-            group["lr"] = group["lr"] * float(group["params"][0].detach().float().square().mean().sqrt())
+            size = float(group["params"][0].detach().float().square().mean().sqrt()) if self.relative else 1.0
+            group["lr"] = group["lr"] * factor * size
         try:
             return super().step(closure)
         finally:
@@ -421,10 +525,10 @@ class RelativeAdamW(torch.optim.AdamW):
                 group["lr"] = rate
 
 
-def make_optimizer(params, optim, relative):
-    """The VAE's optimizer in this mode: RelativeAdamW (fp16.relative_lr) or AdamW, with optim.*'s settings."""
-    kind = RelativeAdamW if relative else torch.optim.AdamW
-    return kind(list(params), lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, eps=optim.eps)
+def make_optimizer(params, optim, relative, factor=None):
+    """The VAE's optimizer in this mode: RelativeAdamW (absolute steps unless fp16.relative_lr), optim.*'s settings."""
+    return RelativeAdamW(list(params), relative=relative, factor=factor, lr=optim.lr, betas=tuple(optim.betas),
+                         weight_decay=optim.weight_decay, eps=optim.eps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,6 +548,15 @@ def rescale_lines(rescale, limit):
         lines.append(f"  {row['scale']:>10.4g} {row['peak_before']:>12.4g} {row['peak_after']:>10.4g} "
                      f"{row['groupnorm_eps_effect']:>10.2g}  {row['gauge']} ({row['kind']}, {len(row['layers'])} "
                      f"layers{', limited by eps' if row['limited_by_eps'] else ''})")
+    chains = rescale.get("chains", [])
+    if chains:
+        lines.append(f"Approximate rescaling (GroupNorm weight and bias / s, the conv after the SiLU x s): {len(chains)} "
+                     f"chain(s); fp32 against the original after both: decode PSNR "
+                     f"{fmt_db(exact['decode_psnr_fp32'])}, latent SNR {fmt_db(exact['latent_snr_db_fp32'])}")
+        lines.append(f"  {'scale':>10} {'peak before':>12} {'after':>10} {'SiLU bound':>10}  GroupNorm -> conv")
+    for row in chains:
+        lines.append(f"  {row['scale']:>10.4g} {row['peak_before']:>12.4g} {row['peak_after']:>10.4g} "
+                     f"{row['relative_change_bound']:>10.2g}  {row['chain']} -> {row['conv']} (approximate)")
     largest, above = rescale["largest_after_rescale"], rescale["above_target_after_rescale"]
     lines.append(f"After it the largest activation is {largest['max_abs']:.4g} ({largest['layer']}); "
                  + (f"{len(above)} layer(s) above the target ({', '.join(above[:4])}{', ...' if len(above) > 4 else ''})"
@@ -452,8 +565,8 @@ def rescale_lines(rescale, limit):
 
 
 def fmt_db(value):
-    """'43.2 dB', 'exact' for inf, 'non-finite' for None."""
-    if value is None:
+    """'43.2 dB', 'exact' for inf, 'non-finite' for None or -inf."""
+    if value is None or value == -math.inf:
         return "non-finite"
     return "exact" if math.isinf(value) else f"{value:.2f} dB"
 
@@ -476,9 +589,17 @@ def summary_lines(report):
              f"  {'':<38} {'original':>14} {'fp16-safe':>14}"]
     lines += [f"  {name:<38} {a:>14} {b:>14}" for name, a, b in rows]
     lines.append(f"  after: {report['after']['verdict']}")
-    if not report["reached"]:
-        lines.append(f"  NOT every layer reached the target: {', '.join(report['after']['above_target'][:5])}; "
-                     "train longer (train.steps) or raise fp16.penalty_weight.")
+    targets = report["fidelity_targets"]
+    wanted = f"decode PSNR >= {targets['decode_psnr_db']:g} dB" + (
+        f", latent SNR >= {targets['latent_snr_db']:g} dB" if "latent_snr_db" in targets else "")
+    if not report["exported"]:
+        lines.append(f"  NO state had the headroom in {report['steps']} steps, so NOTHING was exported; still above "
+                     f"the target: {', '.join(report['after']['above_target'][:5])}. Resume with more steps "
+                     "(--resume latest train.steps=...) or raise fp16.penalty_weight.")
+        return lines
+    lines.append(f"  headroom first at step {report['headroom_step']}; exported: step {report['exported_step']} of "
+                 f"{report['steps']}, the check with headroom closest to the original (fidelity targets: {wanted}: "
+                 f"{'met' if report['fidelity_reached'] else 'NOT met'})")
     if report.get("latents_within_tolerance") is False:
         lines.append(f"  the encoder's latents moved beyond the tolerance ({fmt_db(after['latent_snr_db_fp32'])} < "
                      f"{report['latent_tolerance_db']:.0f} dB).")

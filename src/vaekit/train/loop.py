@@ -382,7 +382,7 @@ def build_parts(cfg, accelerator, vae, perceptual=None, teacher=None, fp16=None)
                        use_ema_warmup=cfg.ema.warmup, inv_gamma=cfg.ema.inv_gamma, power=cfg.ema.power)
     trainable = [p for p in model.parameters() if p.requires_grad]  # the VAE's, then an alignment projection's
     if fp16 is not None:  # the fp16-safe fine-tune: relative steps (fp16.relative_lr), its hooks on this VAE
-        opt_g = fp16_safe.make_optimizer(trainable, cfg.optim, cfg.fp16.relative_lr)
+        opt_g = fp16_safe.make_optimizer(trainable, cfg.optim, cfg.fp16.relative_lr, factor=fp16.lr_factor)
         fp16.student = vae
     else:
         opt_g = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
@@ -728,7 +728,8 @@ def save(cfg, parts, state, dataset_size, interrupted=False):
         weights = {"vae": parts.vae.state_dict(),
                    "ema": state_with_ema(parts.vae, parts.ema) if parts.ema is not None else None,
                    "disc": disc.state_dict() if disc is not None else None,
-                   "align": parts.regularizer.state_dict() if parts.regularizer is not None else None}
+                   "align": parts.regularizer.state_dict() if parts.regularizer is not None else None,
+                   "fp16_best": parts.fp16.best_weights if parts.fp16 is not None else None}
         optimizers = {"vae": parts.opt_g.state_dict(), "disc": parts.opt_d.state_dict() if parts.opt_d else {}}
         meta = {
             "interrupted": interrupted,
@@ -887,6 +888,15 @@ def finish(cfg, parts, state, validator, last_saved, train_seconds=None, train_i
     """
     accelerator, out_dir = parts.accelerator, Path(cfg.out_dir)
     result = {"checkpoint": last_saved, "step": state.step, "interrupted": False}
+    # fp16-safe: the closest state with headroom back in the model, before it is scored and exported
+    fp16_report = parts.fp16.finish(parts, out_dir, state.step) if parts.fp16 is not None else None
+    if parts.fp16 is not None and not parts.fp16.exportable:  # never export a state without the headroom
+        if accelerator.is_main_process:
+            log.info("\n".join([f"Finished {state.step} steps; checkpoint {last_saved}"]
+                               + fp16_safe.summary_lines(fp16_report) + [f"  report  {out_dir / 'fp16_safe.json'}"]))
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return {**result, "fp16": fp16_report}
     values, base, base_scores = None, load_base(cfg, accelerator), None
     if validator is not None:  # every process scores its share; the main process gets the metrics
         if base is not None:
@@ -897,7 +907,6 @@ def finish(cfg, parts, state, validator, last_saved, train_seconds=None, train_i
             "WARNING: the encoder differs from the base's, so its latents do too")
         values = validator.run(parts.export_state(), len(validator.images), out_dir / "reconstructions.png",
                                base=base_scores, title=title)
-    fp16_report = parts.fp16.finish(parts, out_dir) if parts.fp16 is not None else None  # before the export
     if accelerator.is_main_process:
         export = cast_vae(copy_vae(parts.vae), device="cpu")
         export.load_state_dict(parts.export_state())
