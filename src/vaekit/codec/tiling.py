@@ -271,6 +271,16 @@ def group_norm(norm, x, stats):
     return F.silu(y) if getattr(norm, "silu", False) else y
 
 
+def activation(module, h):
+    """module(h), in place on `h` (a fresh buffer of the caller's) for a SiLU in inference: one buffer fewer.
+
+    In place gives the same bits; with gradients on, autograd needs the input, so it runs as usual.
+    """
+    if isinstance(module, nn.SiLU) and not torch.is_grad_enabled():
+        return F.silu(h, inplace=True)
+    return module(h)
+
+
 def module_unit(name, module, scale=1.0):
     """A module without GroupNorm called whole: conv_in, a downsampler or an upsampler."""
     if scale > 1:
@@ -289,13 +299,15 @@ def resnet_units(name, resnet):
     """
     def first(state, stats):
         x = state.pop()
-        h = resnet.conv1(resnet.nonlinearity(group_norm(resnet.norm1, x, stats)))
-        return [x, h]
+        h = activation(resnet.nonlinearity, group_norm(resnet.norm1, x, stats))
+        return [x, resnet.conv1(h)]
 
     def second(state, stats):
         h = state.pop()
         x = state.pop()
-        h = resnet.conv2(resnet.dropout(resnet.nonlinearity(group_norm(resnet.norm2, h, stats))))
+        h = group_norm(resnet.norm2, h, stats)  # one statement each: the buffer a name held is freed at once
+        h = activation(resnet.nonlinearity, h)
+        h = resnet.conv2(resnet.dropout(h))
         if resnet.conv_shortcut is not None:
             x = resnet.conv_shortcut(x)
         # In place on the fresh conv output: the bits of diffusers' (x + h) / factor without two more buffers.
