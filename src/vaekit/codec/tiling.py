@@ -617,9 +617,7 @@ class StageRun:
             moments = GroupMoments().add_region(tensors[unit.norm_input][..., y0:y1, x0:x1], unit.norm.num_groups)
             parts[i] = (moments.count, moments.mean, moments.m2)
             del tensors
-        # Once per pass: a measuring pass runs one or two units per tile, whose buffers the next
-        # tile reuses; handing them back after every tile only made the next tile fault them in again.
-        release_free_memory(self.x.device)
+            release_free_memory(self.x.device)
         merged = self.options.processes.merge_moments(parts, self.x.shape[0], unit.norm.num_groups)
         self.stats[u] = (merged.mean, merged.variance())
 
