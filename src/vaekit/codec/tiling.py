@@ -526,9 +526,10 @@ def release_free_memory(device):
 
 
 # Spill a checkpoint only when recomputing it costs at least this many multiply-adds per byte
-# written. Measured on the 2-core CPU of docs/tiling.md: convolutions run at ~20 G multiply-adds/s,
-# a spilled byte costs ~1 ns to write and read back, so the break-even is ~20; conv_in (7 per byte)
-# is recomputed, a resnet half (72 and up) is spilled.
+# written. Measured on the 2-core CPU of docs/tiling.md: a 32-channel 3x3 convolution runs at ~56 G
+# multiply-adds/s, a spilled byte costs ~2 ns to copy out, write, read back and free, so the
+# break-even is ~110. So conv_in (7 per byte) and a 32- or 64-channel resnet's first half (36, 72)
+# are recomputed, a whole resnet (144 and up) and a 128-channel resnet half (144) are spilled.
 SPILL_MACS_PER_BYTE = 96
 
 
