@@ -81,6 +81,20 @@ def test_untiled_path_is_diffusers_own_forward(vae, photo):
     assert torch.equal(inference.decode(vae, mean), expected)
 
 
+def test_untiled_units_with_gradients_are_diffusers_forward_and_differentiable(vae, photo):
+    # Inference applies SiLU in place and adds the residual in place; with gradients on, the units
+    # must give the same bits and a backward pass autograd accepts.
+    z = inference.encode(vae, photo[..., :64, :64])[0].requires_grad_(True)
+    with torch.no_grad():
+        expected = vae.decode(z).sample
+        without_grad = tiling.decode_untiled(vae, z)
+    with torch.enable_grad():
+        out = tiling.decode_untiled(vae, z)
+        out.square().mean().backward()
+    assert torch.equal(out.detach(), expected) and torch.equal(without_grad, expected)
+    assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
 def test_other_architectures_tile_exactly():
     # f4 with two resnets per level in the encoder, and f2 with one: the stages and contexts follow the model.
     for overrides in ({"block_out_channels": [32, 64, 64], "layers_per_block": 2}, {"block_out_channels": [32, 32]}):

@@ -201,6 +201,26 @@ def test_spill_file_that_cannot_be_written_falls_back_to_recomputing(monkeypatch
     store.close()
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_spilled_crops_are_written_in_chunks_and_read_back_exactly(monkeypatch, channels_last):
+    monkeypatch.setattr("vaekit.codec.checkpoints.WRITE_CHUNK_BYTES", 256)  # many chunks per tensor
+    base = torch.randn(2, 5, 30, 40)
+    if channels_last:
+        base = base.contiguous(memory_format=torch.channels_last)
+    crop = base[..., 3:27, 5:38]  # a strided view, as a tile's checkpoint is
+    whole = base[:1] if channels_last else None  # a channels-last tensor is written in its own memory order
+    with CheckpointStore("cpu", 0, spill=True) as store:
+        assert store.put(7, (crop, crop[:, :2]))
+        back = store.get(7)
+        if whole is not None:
+            assert store.put(8, (whole,)) and torch.equal(store.get(8)[0], whole)
+            assert store.get(8)[0].is_contiguous(memory_format=torch.channels_last)
+        crops = (crop.numel() + crop[:, :2].numel()) * 4
+        assert store.bytes_spilled == crops + (whole.numel() * 4 if whole is not None else 0)  # crops, not bases
+        assert store.ends[store.current] == store.bytes_spilled
+    assert torch.equal(back[0], crop) and torch.equal(back[1], crop[:, :2])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Patch parallelism: two gloo processes share one image's tiles
 

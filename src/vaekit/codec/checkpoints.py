@@ -22,6 +22,9 @@ import torch
 from vaekit.errors import VaekitError
 
 
+WRITE_CHUNK_BYTES = 4 << 20  # a spilled tensor is copied out and written this much at a time
+
+
 @dataclass
 class Spilled:
     """Where one tensor of a checkpoint lies in a spill file."""
@@ -132,11 +135,17 @@ class CheckpointStore:
                 channels_last = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
                     memory_format=torch.channels_last)
                 # Raw bytes in memory order: NCHW, or NHWC for a channels-last tensor (read back as such).
-                flat = (t.permute(0, 2, 3, 1) if channels_last else t).contiguous().cpu()
+                ordered = t.permute(0, 2, 3, 1) if channels_last else t
                 f.seek(self.ends[index])
-                f.write(memoryview(flat.view(torch.uint8).reshape(-1).numpy()))
                 parts.append(Spilled(index, self.ends[index], tuple(t.shape), t.dtype, channels_last))
-                self.ends[index] += flat.numel() * flat.element_size()
+                # A checkpoint is usually a crop (a strided view): written a few MiB at a time, so the
+                # compact copy that writing needs never doubles the checkpoint's memory.
+                step = max(1, WRITE_CHUNK_BYTES // max(1, ordered[0, :1].numel() * t.element_size()))
+                for b in range(ordered.shape[0]):
+                    for c in range(0, ordered.shape[1], step):
+                        chunk = ordered[b, c : c + step].contiguous().cpu()
+                        f.write(memoryview(chunk.view(torch.uint8).reshape(-1).numpy()))
+                self.ends[index] += t.numel() * t.element_size()
             self.bytes_spilled += tensor_bytes(tensors)
             return tuple(parts)
         except OSError as e:

@@ -180,7 +180,8 @@ def decoder_head(vae, z):
 
 def run_units(units, h):
     """The units in sequence, untiled (each GroupNorm measures its own input, as in the diffusers forward)."""
-    state = (h,)
+    state = [h]
+    del h  # the units consume their inputs: each is freed as soon as nothing further needs it
     for unit in units:
         state = unit.run(state, None)
     return state[0]
@@ -223,8 +224,11 @@ def check_supported(vae):
 
 @dataclass
 class Unit:
-    """A step of a stage: (state, stats) -> state, a tuple of tensors sharing one spatial extent.
+    """A step of a stage: (state, stats) -> state, a list of tensors sharing one spatial extent.
 
+    A unit consumes its input list (it empties it), so a tensor the caller no longer holds is freed
+    as soon as the unit is done with it, not when the unit returns: a tile's peak memory is then
+    the tensors alive at once inside one unit.
     A unit that starts with a GroupNorm normalises `state[norm_input]` with `stats` (image-wide
     mean and variance) or, given None, with the norm module itself (untiled). A tile's pass can stop
     before any unit and resume there from the state it kept.
@@ -267,6 +271,16 @@ def group_norm(norm, x, stats):
     return F.silu(y) if getattr(norm, "silu", False) else y
 
 
+def activation(module, h):
+    """module(h), in place on `h` (a fresh buffer of the caller's) for a SiLU in inference: one buffer fewer.
+
+    In place gives the same bits; with gradients on, autograd needs the input, so it runs as usual.
+    """
+    if isinstance(module, nn.SiLU) and not torch.is_grad_enabled():
+        return F.silu(h, inplace=True)
+    return module(h)
+
+
 def module_unit(name, module, scale=1.0):
     """A module without GroupNorm called whole: conv_in, a downsampler or an upsampler."""
     if scale > 1:
@@ -275,7 +289,7 @@ def module_unit(name, module, scale=1.0):
         reach = conv_reach([module]) + 1  # +1: diffusers' downsampler pads asymmetrically (right and bottom)
     else:
         reach = conv_reach([module])
-    return Unit(name, lambda state, stats: (module(state[0]),), [module], scale, reach)
+    return Unit(name, lambda state, stats: [module(state.pop())], [module], scale, reach)
 
 
 def resnet_units(name, resnet):
@@ -284,16 +298,20 @@ def resnet_units(name, resnet):
     The same calls in the same order as diffusers' forward, so the untiled result is its bits.
     """
     def first(state, stats):
-        x = state[0]
-        h = resnet.conv1(resnet.nonlinearity(group_norm(resnet.norm1, x, stats)))
-        return x, h
+        x = state.pop()
+        h = activation(resnet.nonlinearity, group_norm(resnet.norm1, x, stats))
+        return [x, resnet.conv1(h)]
 
     def second(state, stats):
-        x, h = state
-        h = resnet.conv2(resnet.dropout(resnet.nonlinearity(group_norm(resnet.norm2, h, stats))))
+        h = state.pop()
+        x = state.pop()
+        h = group_norm(resnet.norm2, h, stats)  # one statement each: the buffer a name held is freed at once
+        h = activation(resnet.nonlinearity, h)
+        h = resnet.conv2(resnet.dropout(h))
         if resnet.conv_shortcut is not None:
             x = resnet.conv_shortcut(x)
-        return ((x + h) / resnet.output_scale_factor,)
+        # In place on the fresh conv output: the bits of diffusers' (x + h) / factor without two more buffers.
+        return [h.add_(x).div_(resnet.output_scale_factor)]
 
     modules_a = [resnet.norm1, resnet.conv1]
     modules_b = [resnet.norm2, resnet.conv2] + ([resnet.conv_shortcut] if resnet.conv_shortcut is not None else [])
@@ -304,7 +322,7 @@ def resnet_units(name, resnet):
 def output_unit(dec):
     """The decoder's output: conv_norm_out, conv_act, conv_out."""
     def run(state, stats):
-        return (dec.conv_out(dec.conv_act(group_norm(dec.conv_norm_out, state[0], stats))),)
+        return [dec.conv_out(dec.conv_act(group_norm(dec.conv_norm_out, state.pop(), stats)))]
 
     modules = [dec.conv_norm_out, dec.conv_out]
     return Unit("decoder.out", run, modules, 1.0, conv_reach(modules), dec.conv_norm_out, 0)
@@ -464,18 +482,19 @@ class GroupMoments(RunningMoments):
 
 
 def normalize_fixed(x, norm, mean, var):
-    """GroupNorm of x (B, C, h, w) with given per-(batch, group) mean and var (B, G), then the affine."""
-    batch, channels = x.shape[:2]
-    per_group = channels // norm.num_groups
-    mean_c = mean.repeat_interleave(per_group, dim=1)  # (B, C)
-    scale_c = (var + norm.eps).rsqrt().repeat_interleave(per_group, dim=1)
+    """GroupNorm of x (B, C, h, w) with given per-(batch, group) mean and var (B, G), then the affine.
+
+    Folded into one scale and shift per channel (in float64), applied in one pass over x: the
+    activations are large and the pass is memory-bound, so one pass instead of three is what counts.
+    """
+    per_group = x.shape[1] // norm.num_groups
+    scale = (var + norm.eps).rsqrt().repeat_interleave(per_group, dim=1)  # (B, C)
     if norm.weight is not None:
-        scale_c = scale_c * norm.weight.double()
-    y = x - mean_c.to(x.dtype)[..., None, None]
-    y.mul_(scale_c.to(x.dtype)[..., None, None])
+        scale = scale * norm.weight.double()
+    shift = -mean.repeat_interleave(per_group, dim=1) * scale
     if norm.bias is not None:
-        y.add_(norm.bias.to(x.dtype)[None, :, None, None])
-    return y
+        shift = shift + norm.bias.double()
+    return torch.addcmul(shift.to(x.dtype)[..., None, None], x, scale.to(x.dtype)[..., None, None])
 
 
 _LIBC_TRIM = []  # [malloc_trim] once looked up; [None] where the C library has none
@@ -507,10 +526,11 @@ def release_free_memory(device):
 
 
 # Spill a checkpoint only when recomputing it costs at least this many multiply-adds per byte
-# written. Measured on the 2-core CPU of docs/tiling.md: convolutions run at ~20 G multiply-adds/s,
-# a spilled byte costs ~1 ns to write and read back, so the break-even is ~20; conv_in (7 per byte)
-# is recomputed, a resnet half (72 and up) is spilled.
-SPILL_MACS_PER_BYTE = 16
+# written. Measured on the 2-core CPU of docs/tiling.md: a 32-channel 3x3 convolution runs at ~56 G
+# multiply-adds/s, a spilled byte costs ~2 ns to copy out, write, read back and free, so the
+# break-even is ~110. So conv_in (7 per byte) and a 32- or 64-channel resnet's first half (36, 72)
+# are recomputed, a whole resnet (144 and up) and a 128-channel resnet half (144) are spilled.
+SPILL_MACS_PER_BYTE = 96
 
 
 @dataclass
@@ -557,7 +577,7 @@ class StageRun:
             y0, y1, x0, x1 = self.region(i, 0)
             tensors = (self.x[..., y0:y1, x0:x1],)
         y0, _, x0, _ = self.region(i, state.unit)
-        return state.unit, tensors, (y0, x0)
+        return state.unit, list(tensors), (y0, x0)
 
     def advance(self, i, target):
         """Run tile i from its checkpoint to the input of unit `target`; keep a checkpoint there if it pays."""
@@ -569,7 +589,7 @@ class StageRun:
             y0, y1, x0, x1 = self.region(i, u + 1)
             oy, ox = int(origin[0] * unit.scale), int(origin[1] * unit.scale)
             assert y0 >= oy and x0 >= ox, "vaekit.codec.tiling: a crop outside the computed tile (internal error)"
-            tensors = tuple(t[..., y0 - oy : y1 - oy, x0 - ox : x1 - ox] for t in tensors)
+            tensors = [t[..., y0 - oy : y1 - oy, x0 - ox : x1 - ox] for t in tensors]
             if self.store is None:
                 # A pass through the whole stage (fast mode) frees buffers of every size as it goes;
                 # handed back unit by unit, they do not pile up in the allocator's cache.
