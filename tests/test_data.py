@@ -485,6 +485,33 @@ def test_train_dataset_flips_and_crops_from_the_seeded_generator(mixed_dir):
     assert 0 < flipped < 8
 
 
+def test_kept_decoded_images_give_the_same_crops_and_are_decoded_once(mixed_dir, monkeypatch):
+    source = open_source(mixed_dir)
+    good = [i for i, k in enumerate(source.keys()) if k.startswith("photo")]
+    fresh = TrainImageDataset(source, size=32, crop="random", flip=True, seed=5)
+    kept = TrainImageDataset(source, size=32, crop="random", flip=True, seed=5, keep_decoded=4)
+    decodes = []
+    original = type(source[good[0]]).decode
+    monkeypatch.setattr(type(source[good[0]]), "decode", lambda self, **kw: decodes.append(self.key) or original(self, **kw))
+    for epoch in range(3):
+        for i in good:
+            assert torch.equal(kept[(i, epoch)]["pixels"], fresh[(i, epoch)]["pixels"])
+    kept_keys = [source.keys()[i] for i in good[:4]]
+    kept_decodes = [k for k in decodes if k in kept_keys]
+    assert len(kept_decodes) == 4 + 3 * 4  # the kept four: once by `kept`, three times by `fresh`
+    assert all(decodes.count(source.keys()[i]) == 6 for i in good[4:])  # the rest: every read, both datasets
+    assert len(kept.decoded) == 4
+    bad = [i for i in range(len(source)) if i not in good]
+    assert all("error" in kept[i] for i in bad) and len(kept.decoded) == 4  # errors are not kept
+
+
+def test_keep_decoded_reaches_the_training_dataset_and_refuses_negatives(mixed_dir):
+    train, _ = build_train_val(DataConfig(path=str(mixed_dir), holdout=0, keep_decoded=3))
+    assert train.keep_decoded == 3
+    with pytest.raises(ValueError, match="keep_decoded"):
+        DataConfig(keep_decoded=-1)
+
+
 def test_bad_images_become_error_items_and_collate_lists_them(mixed_dir):
     dataset = TrainImageDataset(open_source(mixed_dir), size=32, crop="center", flip=False)
     items = [dataset[i] for i in range(len(dataset))]

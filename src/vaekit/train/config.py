@@ -23,6 +23,9 @@ class ModelConfig:
     # decoder: encoder and quant_conv frozen; fp16_safe: the fp16-safe fine-tune against the source (section fp16)
     mode: Literal["scratch", "decoder", "fp16_safe"] = "scratch"
     sample_posterior: bool = True  # decode z ~ q(z|x) (latent-diffusion) rather than its mean
+    # A preset built afresh starts with this posterior log-variance (e.g. -6: noise std 0.05) instead of about 0
+    # (std 1), so a short run does not spend its steps decoding noisy latents. None: as initialised.
+    init_logvar: Optional[float] = None
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the encoder and decoder
 
@@ -289,6 +292,9 @@ def check_config(config):
         value = getattr(getattr(config, section), name)
         if not test(value):
             raise VaekitError(f"{key} must be {what}, got {value}.")
+    if config.model.init_logvar is not None and not config.model.source.startswith("preset:"):
+        raise VaekitError(f"model.init_logvar initialises a model built afresh from a preset; {config.model.source} "
+                          "has trained weights, which are kept. Drop model.init_logvar.")
     check_regularizers(config)
     check_distillation(config)
     if config.model.mode == "fp16_safe":

@@ -43,7 +43,8 @@ from vaekit.data.training import build_train_val, collate_images, collate_stream
 from vaekit.device import launched_processes, needs_cpu_collectives
 from vaekit.errors import VaekitError
 from vaekit.io import ensure_folder, remove_temporaries, write_json, write_text
-from vaekit.model.architecture import cast_vae, copy_vae, encoder_fingerprint, is_tiny, vae_config
+from vaekit.model.architecture import (cast_vae, copy_vae, encoder_fingerprint, is_tiny, set_initial_logvar,
+                                      vae_config)
 from vaekit.model.card import model_card
 from vaekit.model.load import load_vae, save_diffusers
 from vaekit.seeds import torch_generator
@@ -348,6 +349,8 @@ def build_vae(cfg, checkpoint=None, teacher=None):
             if changes:
                 set_seed(cfg.train.seed)
                 vae = load_vae(cfg.model.source, overrides={**cfg.model.overrides, **changes})
+        if cfg.model.init_logvar is not None:  # a preset built afresh (check_config)
+            set_initial_logvar(vae, cfg.model.init_logvar)
     distill.check_student(vae, cfg)
     return vae
 
