@@ -303,6 +303,19 @@ def test_init_logvar_starts_a_fresh_preset_with_quiet_posterior_noise(quant_conv
     assert (logvar[-6.0].mean() + 6).abs() < 1.5 and logvar[-6.0].max() < -3
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_warns_that_it_is_emulated(native, monkeypatch, caplog, tmp_path):
+    from vaekit.train import TrainConfig, loop
+
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: native)
+    config = load_config(TrainConfig, overrides=["train.mixed_precision=bf16", f"out_dir={tmp_path}",
+                                                 "log.tracker=none"])
+    with caplog.at_level("WARNING", logger=loop.log.name):
+        accelerator = loop.start_run(config)
+    assert accelerator.mixed_precision == "bf16"
+    assert ("emulated" in caplog.text) is (not native)
+
+
 def test_init_logvar_refuses_a_model_with_trained_weights(tmp_path):
     from vaekit.errors import VaekitError
     from vaekit.train import TrainConfig, check_config
