@@ -326,6 +326,26 @@ def test_init_logvar_refuses_a_model_with_trained_weights(tmp_path):
     check_config(load_config(TrainConfig, overrides=["model.init_logvar=-6"]))  # the default preset:tiny
 
 
+def test_every_demo_recipe_candidate_is_a_valid_config():
+    """scripts/demo_recipes.py trains each candidate as overrides of demo.yaml: each must load and pass the checks."""
+    import importlib.util
+
+    from vaekit.train import TrainConfig, check_config
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        spec = importlib.util.spec_from_file_location("demo_recipes", ROOT / "scripts" / "demo_recipes.py")
+        recipes = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(recipes)
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    assert "shipped" in recipes.CANDIDATES and recipes.CANDIDATES["shipped"][1] == []
+    for name, (_, overrides) in recipes.CANDIDATES.items():
+        config = load_config(TrainConfig, ROOT / "configs" / "train" / "demo.yaml", overrides)
+        check_config(config)
+        assert config.data.holdout == 2 and config.validation.size == 256, name  # scored as `make demo` is
+
+
 # ------------------------------------------------------------------------------------------------
 # Decoder fine-tuning
 
