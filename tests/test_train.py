@@ -316,14 +316,16 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_that_it_is_emulated(native, mon
     assert ("emulated" in caplog.text) is (not native)
 
 
-def test_init_logvar_refuses_a_model_with_trained_weights(tmp_path):
-    from vaekit.errors import VaekitError
-    from vaekit.train import TrainConfig, check_config
+def test_init_logvar_leaves_a_model_with_weights_unchanged(tmp_path):
+    from vaekit.config import from_dict
+    from vaekit.model import save_diffusers
+    from vaekit.train import TrainConfig
+    from vaekit.train.loop import build_vae
 
-    config = load_config(TrainConfig, overrides=[f"model.source={tmp_path}", "model.init_logvar=-6"])
-    with pytest.raises(VaekitError, match="init_logvar"):
-        check_config(config)
-    check_config(load_config(TrainConfig, overrides=["model.init_logvar=-6"]))  # the default preset:tiny
+    saved = build_vae(from_dict(TrainConfig, {}))
+    save_diffusers(saved, tmp_path / "vae")
+    loaded = build_vae(from_dict(TrainConfig, {"model": {"source": str(tmp_path / "vae"), "init_logvar": -6.0}}))
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), loaded.state_dict().values()))
 
 
 def test_every_demo_recipe_candidate_is_a_valid_config():

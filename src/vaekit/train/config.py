@@ -24,7 +24,8 @@ class ModelConfig:
     mode: Literal["scratch", "decoder", "fp16_safe"] = "scratch"
     sample_posterior: bool = True  # decode z ~ q(z|x) (latent-diffusion) rather than its mean
     # A preset built afresh starts with this posterior log-variance (e.g. -6: noise std 0.05) instead of about 0
-    # (std 1), so a short run does not spend its steps decoding noisy latents. None: as initialised.
+    # (std 1), so a short run does not spend its steps decoding noisy latents. None: as initialised. A model
+    # with weights (a folder, a file, a checkpoint to resume) is never changed by it.
     init_logvar: Optional[float] = None
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the encoder and decoder
@@ -292,9 +293,6 @@ def check_config(config):
         value = getattr(getattr(config, section), name)
         if not test(value):
             raise VaekitError(f"{key} must be {what}, got {value}.")
-    if config.model.init_logvar is not None and not config.model.source.startswith("preset:"):
-        raise VaekitError(f"model.init_logvar initialises a model built afresh from a preset; {config.model.source} "
-                          "has trained weights, which are kept. Drop model.init_logvar.")
     check_regularizers(config)
     check_distillation(config)
     if config.model.mode == "fp16_safe":

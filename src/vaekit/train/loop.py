@@ -352,7 +352,7 @@ def build_vae(cfg, checkpoint=None, teacher=None):
             if changes:
                 set_seed(cfg.train.seed)
                 vae = load_vae(cfg.model.source, overrides={**cfg.model.overrides, **changes})
-        if cfg.model.init_logvar is not None:  # a preset built afresh (check_config)
+        if cfg.model.init_logvar is not None and cfg.model.source.startswith("preset:"):  # built afresh, not loaded
             set_initial_logvar(vae, cfg.model.init_logvar)
     distill.check_student(vae, cfg)
     return vae
