@@ -9,6 +9,7 @@ point.
 
     python scripts/demo_recipes.py                         # every candidate, in order
     python scripts/demo_recipes.py --only shipped,c4_old   # some of them
+    python scripts/demo_recipes.py --table                 # the table of what OUT/results.json holds
 
 Results accumulate in OUT/results.json (a candidate already there is not trained again unless
 --again) and the table in OUT/demo_recipes.md.
@@ -31,16 +32,73 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The previous `make demo` recipe, as overrides of configs/train/demo.yaml: fp32, 900 steps x 4 crops, EMA,
+# latent-diffusion's Adam betas, the posterior's usual initial variance, every crop decoding its photo.
+PREVIOUS = ["model.overrides={latent_channels: 16, norm_num_groups: 8}", "model.init_logvar=null", "data.keep_decoded=0",
+            "optim.betas=[0.5, 0.9]", "ema.enabled=true", "ema.warmup=true", "train.steps=900", "train.batch_size=4",
+            "train.mixed_precision=no", "train.checkpoint_every=300", "validation.every=300", "log.every=25"]
+# Short probes (about a minute of training; held-out metrics only at the end) rank the levers before full runs.
+PROBE = ["validation.every=0", "train.checkpoint_every=10000"]
+# The levers measured one by one from the previous recipe, as the probes ran them.
+FAST = ["train.mixed_precision=bf16", "ema.enabled=false",
+        "model.overrides={latent_channels: 16, norm_num_groups: 8, mid_block_add_attention: false}"]
+QUIET = ["model.init_logvar=-6", "data.keep_decoded=16"]
+BETAS = ["optim.betas=[0.9, 0.99]"]
+
 # name -> (what changes against the shipped recipe, overrides). "shipped" is configs/train/demo.yaml as it is.
 CANDIDATES = {
-    "c4_old": ("the previous recipe: the tiny preset as is (4 channels, 32 norm groups), 600 steps, a data worker",
-               ["model.overrides={}", "loss.kl_weight=2.0833e-8", "train.steps=600", "data.num_workers=1",
+    "c4_old": ("the first recipe: the tiny preset as is (4 channels, 32 norm groups), 600 steps, a data worker",
+               [*PREVIOUS, "model.overrides={}", "loss.kl_weight=2.0833e-8", "train.steps=600", "data.num_workers=1",
                 "train.checkpoint_every=200", "validation.every=200"]),
-    "c32_g8": ("32 channels, 8 norm groups", ["model.overrides={latent_channels: 32, norm_num_groups: 8}",
-                                              "loss.kl_weight=1.6667e-7"]),
-    "c32_g32": ("32 channels, the tiny preset's 32 norm groups (one channel per group at width 32)",
-                ["model.overrides={latent_channels: 32}", "loss.kl_weight=1.6667e-7"]),
-    "shipped": ("configs/train/demo.yaml as shipped: 16 channels (SD3, FLUX), 8 norm groups, 900 steps", []),
+    "c32_g8": ("the previous recipe with 32 channels", [*PREVIOUS, "model.overrides={latent_channels: 32, norm_num_groups: 8}",
+                                                        "loss.kl_weight=1.6667e-7"]),
+    "c32_g32": ("the previous recipe with 32 channels and the tiny preset's 32 norm groups (one channel per group)",
+                [*PREVIOUS, "model.overrides={latent_channels: 32}", "loss.kl_weight=1.6667e-7"]),
+    "previous": ("the previous recipe: 16 channels, 8 norm groups, fp32, 900 x 4, EMA, Adam betas [0.5, 0.9]",
+                 PREVIOUS),
+    "p_previous": ("probe: the previous recipe, 480 steps", [*PREVIOUS, *PROBE, "train.steps=480"]),
+    "p_bf16_b16": ("probe: bf16, 16 crops a step, no EMA, no mid-block attention, decoding the posterior mean",
+                   [*PREVIOUS, *PROBE, *FAST, "model.sample_posterior=false", "train.batch_size=16",
+                    "train.steps=250", "train.checkpoint_every=1000"]),
+    "p_bf16_b16_lr2e3": ("probe: as p_bf16_b16, lr 2e-3", [*PREVIOUS, *PROBE, *FAST, "model.sample_posterior=false",
+                                                           "train.batch_size=16", "train.steps=250", "optim.lr=2e-3"]),
+    "p_bf16_b16_noisy": ("probe: as p_bf16_b16, decoding posterior samples (log-variance initialised near 0)",
+                         [*PREVIOUS, *PROBE, *FAST, "train.batch_size=16", "train.steps=250"]),
+    "p_bf16_b16_quiet": ("probe: as p_bf16_b16_noisy, log-variance initialised at -6, photos kept decoded",
+                         [*PREVIOUS, *PROBE, *FAST, *QUIET, "train.batch_size=16", "train.steps=250"]),
+    "p_bf16_b8": ("probe: as p_bf16_b16, 8 crops a step", [*PREVIOUS, *PROBE, *FAST, "model.sample_posterior=false",
+                                                            "train.batch_size=8", "train.steps=450"]),
+    "p_bf16_b8_quiet": ("probe: as p_bf16_b16_quiet, 8 crops a step",
+                        [*PREVIOUS, *PROBE, *FAST, *QUIET, "train.batch_size=8", "train.steps=450"]),
+    "p_b8_quiet_lr5e4": ("probe: as p_bf16_b8_quiet, lr 5e-4",
+                         [*PREVIOUS, *PROBE, *FAST, *QUIET, "train.batch_size=8", "train.steps=450", "optim.lr=5e-4"]),
+    "p_b8_quiet_colour": ("probe: as p_bf16_b8_quiet, colour jitter (any hue, saturation x 0.5-1.5)",
+                          [*PREVIOUS, *PROBE, *FAST, *QUIET, "train.batch_size=8", "train.steps=450",
+                           "data.hue_jitter=0.5", "data.saturation_jitter=0.5"]),
+    "p_b4_128px": ("probe: as p_bf16_b8_quiet, 4 crops of 128 px a step",
+                   [*PREVIOUS, *PROBE, *FAST, *QUIET, "train.batch_size=4", "data.size=128", "train.steps=250"]),
+    "p_b1_256px": ("probe: as p_bf16_b8_quiet, 1 crop of 256 px a step",
+                   [*PREVIOUS, *PROBE, *FAST, *QUIET, "train.batch_size=1", "data.size=256", "train.steps=250"]),
+    "p_b8_quiet_betas": ("probe: as p_bf16_b8_quiet, Adam betas [0.9, 0.99]",
+                         [*PREVIOUS, *PROBE, *FAST, *QUIET, *BETAS, "train.batch_size=8", "train.steps=450"]),
+    # From here on as overrides of the shipped recipe (bf16, 8 crops a step, no EMA, no mid-block attention,
+    # log-variance initialised at -6, photos kept decoded, betas [0.9, 0.99]).
+    "p_w16": ("probe: the shipped recipe, 600 steps, widths [16, 32, 64, 64]",
+              [*PROBE, "train.steps=600", "model.overrides={latent_channels: 16, norm_num_groups: 8, "
+                                          "mid_block_add_attention: false, block_out_channels: [16, 32, 64, 64]}"]),
+    "p_lr2e3": ("probe: the shipped recipe, 450 steps, lr 2e-3", [*PROBE, "train.steps=450", "optim.lr=2e-3"]),
+    "p_betas_999": ("probe: the shipped recipe, 450 steps, betas [0.9, 0.999] (PyTorch's default)",
+                    [*PROBE, "train.steps=450", "optim.betas=[0.9, 0.999]"]),
+    "b8_quiet": ("as p_bf16_b8_quiet for the whole budget: 1400 steps",
+                 [*PREVIOUS, *PROBE, *FAST, *QUIET, "train.batch_size=8", "train.steps=1400"]),
+    "s1400": ("the shipped recipe, 1400 steps, held-out metrics only at the end", [*PROBE, "train.steps=1400"]),
+    "s1400_lpips25": ("as s1400, LPIPS weight 0.25", [*PROBE, "train.steps=1400", "loss.perceptual_weight=0.25"]),
+    "s1400_c32": ("as s1400, 32 latent channels", [*PROBE, "train.steps=1400", "loss.kl_weight=1.6667e-7",
+                                                  "model.overrides={latent_channels: 32, norm_num_groups: 8, "
+                                                  "mid_block_add_attention: false}"]),
+    "s1350": ("as shipped, 1350 steps, the held-out grid also at step 675", ["train.steps=1350", "validation.every=675",
+                                                                             "train.checkpoint_every=675"]),
+    "shipped": ("configs/train/demo.yaml as shipped", []),
 }
 
 
@@ -50,6 +108,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=str(ROOT / "runs" / "demo_recipes"), help="run folders and the table go here")
     parser.add_argument("--only", help=f"comma-separated candidates (default all): {', '.join(CANDIDATES)}")
     parser.add_argument("--again", action="store_true", help="train candidates again even when results exist")
+    parser.add_argument("--table", action="store_true", help="only print and save the table of the stored results")
     return parser.parse_args(argv)
 
 
@@ -72,6 +131,11 @@ def train(name, out):
             "batch": config["train"]["batch_size"], "size": config["data"]["size"]}
 
 
+def wall_text(row):
+    """The whole command's seconds, or a dash where only the step loop was timed."""
+    return "-" if row.get("wall_seconds") is None else f"{row['wall_seconds']:.0f}"
+
+
 def table(rows):
     """The Markdown table of result rows."""
     lines = [f"{platform.machine()}, {os.cpu_count()} CPU threads; held-out: the 2 photos `make demo` holds out, "
@@ -83,7 +147,7 @@ def table(rows):
     for r in rows:
         lines.append(f"| `{r['name']}` | {r['what']} | {r['steps']} x {r['batch']} x {r['size']} | {r['psnr']:.2f} | "
                      f"{r['lpips_alex']:.3f} | {r['ssim']:.3f} | {r['hf_retention']:.2f} | {r['train_seconds']:.0f} | "
-                     f"{r['wall_seconds']:.0f} |")
+                     f"{wall_text(r)} |")
     return "\n".join(lines)
 
 
@@ -95,7 +159,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     store = out / "results.json"
     results = json.loads(store.read_text()) if store.is_file() else {}
-    for name in names:
+    for name in [] if args.table else names:
         if name in results and not args.again:
             continue
         results[name] = train(name, out)

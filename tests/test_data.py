@@ -485,6 +485,79 @@ def test_train_dataset_flips_and_crops_from_the_seeded_generator(mixed_dir):
     assert 0 < flipped < 8
 
 
+def test_kept_decoded_images_give_the_same_crops_and_are_decoded_once(mixed_dir, monkeypatch):
+    source = open_source(mixed_dir)
+    good = [i for i, k in enumerate(source.keys()) if k.startswith("photo")]
+    fresh = TrainImageDataset(source, size=32, crop="random", flip=True, seed=5)
+    kept = TrainImageDataset(source, size=32, crop="random", flip=True, seed=5, keep_decoded=4)
+    decodes = []
+    original = type(source[good[0]]).decode
+    monkeypatch.setattr(type(source[good[0]]), "decode", lambda self, **kw: decodes.append(self.key) or original(self, **kw))
+    for epoch in range(3):
+        for i in good:
+            assert torch.equal(kept[(i, epoch)]["pixels"], fresh[(i, epoch)]["pixels"])
+    kept_keys = [source.keys()[i] for i in good[:4]]
+    kept_decodes = [k for k in decodes if k in kept_keys]
+    assert len(kept_decodes) == 4 + 3 * 4  # the kept four: once by `kept`, three times by `fresh`
+    assert all(decodes.count(source.keys()[i]) == 6 for i in good[4:])  # the rest: every read, both datasets
+    assert len(kept.decoded) == 4
+    bad = [i for i in range(len(source)) if i not in good]
+    assert all("error" in kept[i] for i in bad) and len(kept.decoded) == 4  # errors are not kept
+
+
+def test_keep_decoded_reaches_the_training_dataset_and_refuses_negatives(mixed_dir):
+    train, _ = build_train_val(DataConfig(path=str(mixed_dir), holdout=0, keep_decoded=3))
+    assert train.keep_decoded == 3
+    with pytest.raises(ValueError, match="keep_decoded"):
+        DataConfig(keep_decoded=-1)
+
+
+def test_colour_jitter_is_seeded_turns_hues_and_leaves_other_crops_alone(mixed_dir):
+    source = open_source(mixed_dir)
+    good = [i for i, k in enumerate(source.keys()) if k.startswith("photo")]
+    plain = TrainImageDataset(source, size=32, crop="random", flip=True, seed=5)
+    make = lambda: TrainImageDataset(source, size=32, crop="random", flip=True, seed=5, colour=(0.5, 0.5))  # noqa: E731
+    jittered, again = make(), make()
+    for i in good:
+        a, b, c = plain[i]["pixels"], jittered[i]["pixels"], again[i]["pixels"]
+        assert torch.equal(b, c) and not torch.equal(a, b)  # seeded like the crop, and different colours
+        assert b.min() >= -1 and b.max() <= 1
+        # The same crop, flip and structure: hue and saturation change, brightness order mostly stays.
+        grey_a, grey_b = a.mean(0).flatten(), b.mean(0).flatten()
+        assert torch.corrcoef(torch.stack([grey_a, grey_b]))[0, 1] > 0.5
+    # Off (the default) draws nothing more from the generator: crops are the ones before jitter existed.
+    rng = np.random.default_rng([5, 0, good[0]])
+    expected, _ = prepare_image(decode_image(source[good[0]].path), 32, "random", rng)
+    expected = to_tensor(expected)
+    assert torch.equal(plain[good[0]]["pixels"], expected.flip(-1) if rng.random() < 0.5 else expected)
+    # Hue only: a crop's mean saturation-free brightness (the channel mean of a grey image) is kept.
+    grey = TrainImageDataset(source, size=32, crop="random", flip=True, seed=5, colour=(0.5, 0.0))
+    flat = plain[good[0]]["pixels"].mean(0, keepdim=True).expand(3, -1, -1)
+    turned = crops.jitter_colour(flat.clone(), np.random.default_rng(0), 0.5, 0.0)
+    assert torch.allclose(turned, flat, atol=1e-5) and not torch.equal(grey[good[0]]["pixels"], plain[good[0]]["pixels"])
+
+
+def test_colour_jitter_reaches_both_training_datasets_and_is_bounded(mixed_dir, tmp_path):
+    config = DataConfig(path=str(mixed_dir), holdout=1, hue_jitter=0.1, saturation_jitter=0.3)
+    train, held = build_train_val(config)
+    assert train.colour == (0.1, 0.3) and held.colour == (0.0, 0.0)  # held-out images keep their colours
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(4):
+            data = imagegen.encode(imagegen.make_photo(48, 40, seed=i), "PNG")
+            info = tarfile.TarInfo(f"{i:03d}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    streamed = lambda colour: next(iter(build_train_val(DataConfig(  # noqa: E731
+        path=str(shard), streaming="on", holdout=0, size=32, hue_jitter=colour, saturation_jitter=colour))[0]))
+    assert streamed(0.0)["key"] == streamed(0.5)["key"]
+    assert not torch.equal(streamed(0.0)["pixels"], streamed(0.5)["pixels"])
+    assert torch.equal(streamed(0.5)["pixels"], streamed(0.5)["pixels"])
+    for bad in ({"hue_jitter": 0.6}, {"hue_jitter": -0.1}, {"saturation_jitter": 1.5}):
+        with pytest.raises(ValueError, match="jitter"):
+            DataConfig(**bad)
+
+
 def test_bad_images_become_error_items_and_collate_lists_them(mixed_dir):
     dataset = TrainImageDataset(open_source(mixed_dir), size=32, crop="center", flip=False)
     items = [dataset[i] for i in range(len(dataset))]

@@ -54,13 +54,23 @@ class DataConfig:
     # A streamed run holds out the first `holdout` samples (a count) of the last shard.
     streaming: StreamingMode = "auto"
     num_workers: int = 2  # DataLoader worker processes
+    # Colour augmentation of training crops: hue turned by up to +-hue_jitter of the colour wheel (0.5: any hue),
+    # saturation scaled by a factor in [1 - saturation_jitter, 1 + saturation_jitter]. 0: unchanged colours.
+    hue_jitter: float = 0.0
+    saturation_jitter: float = 0.0
+    # Training images each process (or worker) keeps decoded in memory, the first it reads: a small data set
+    # such as builtin:photos is decoded once instead of once per crop. 0: decode for every crop.
+    keep_decoded: int = 0
     seed: int = 0
 
     def __post_init__(self):
         if len(self.background) != 3 or not all(0 <= int(c) <= 255 for c in self.background):
             raise ValueError(f"background must be three values 0-255, got {self.background}")
-        if self.size < 1 or self.min_size < 0 or self.num_workers < 0:
-            raise ValueError("size must be >= 1, min_size and num_workers >= 0")
+        if self.size < 1 or self.min_size < 0 or self.num_workers < 0 or self.keep_decoded < 0:
+            raise ValueError("size must be >= 1, min_size, num_workers and keep_decoded >= 0")
+        if not 0 <= self.hue_jitter <= 0.5 or not 0 <= self.saturation_jitter <= 1:
+            raise ValueError(f"hue_jitter must be in [0, 0.5] and saturation_jitter in [0, 1], got {self.hue_jitter} "
+                             f"and {self.saturation_jitter}")
         check_read_limits(self.max_image_bytes, self.read_timeout)
 
 

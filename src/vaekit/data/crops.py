@@ -183,13 +183,29 @@ def resize_crop_to_bucket(img, bucket, small_images="upscale", background=(255, 
     return prepare_image(img, tuple(bucket), "center", small_images=small_images, background=background)
 
 
-def train_pixels(img, rng, size, crop, flip, small_images, min_size, background):
-    """A training crop of a decoded image: (3, size, size) in [-1, 1], cropped and flipped by `rng`; ImageError if unusable."""
+def train_pixels(img, rng, size, crop, flip, small_images, min_size, background, colour=(0.0, 0.0)):
+    """A training crop of a decoded image: (3, size, size) in [-1, 1], cropped and flipped by `rng`; ImageError if unusable.
+
+    `colour` = (hue, saturation) jitter, see `jitter_colour`; (0, 0) draws nothing more from `rng`.
+    """
     img, _ = prepare_image(img, size, crop, rng, small_images, min_size, background)
     pixels = to_tensor(img)
     if flip and rng.random() < 0.5:
         pixels = pixels.flip(-1)  # (3, H, W), mirrored left-right
+    if any(colour):
+        pixels = jitter_colour(pixels, rng, *colour)
     return pixels
+
+
+def jitter_colour(pixels, rng, hue, saturation):
+    """(3, H, W) in [-1, 1] with its hue turned by U(-hue, hue) of the colour wheel and its saturation scaled by
+    U(1 - saturation, 1 + saturation), both drawn from `rng`: a few photos then teach colours they lack."""
+    from torchvision.transforms.v2 import functional as F  # imported here: the crop helpers load without it
+
+    turn, scale = rng.uniform(-hue, hue), rng.uniform(1 - saturation, 1 + saturation)
+    rgb = pixels.add(1.0).div_(2.0)  # torchvision's colour functions take [0, 1]
+    rgb = F.adjust_saturation(F.adjust_hue(rgb, turn), scale)
+    return rgb.mul_(2.0).sub_(1.0)
 
 
 def to_tensor(img):

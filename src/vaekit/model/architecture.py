@@ -264,6 +264,21 @@ def latent_channels(vae):
     return vae.config.latent_channels
 
 
+def set_initial_logvar(vae, value):
+    """Set the posterior log-variance a freshly built AutoencoderKL starts from to about `value`, in place.
+
+    The bias of the layer that outputs the log-variance half of the moments (quant_conv, or the encoder's
+    conv_out without one) becomes `value`; the weights stay as initialised. At the usual initialisation the
+    log-variance starts near 0, so a short run decodes latents with noise of standard deviation ~1 and
+    learns slowly until the bias has moved far enough (Adam moves it about lr per step).
+    """
+    if is_tiny(vae):
+        raise VaekitError("An AutoencoderTiny has no posterior variance to initialise.")
+    layer = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
+    with torch.no_grad():
+        layer.bias[vae.config.latent_channels:] = value
+
+
 def _digest(config, state_dict):
     """sha256 over a config dict and named tensors (their dtype and row-major bytes)."""
     digest = hashlib.sha256()

@@ -23,6 +23,10 @@ class ModelConfig:
     # decoder: encoder and quant_conv frozen; fp16_safe: the fp16-safe fine-tune against the source (section fp16)
     mode: Literal["scratch", "decoder", "fp16_safe"] = "scratch"
     sample_posterior: bool = True  # decode z ~ q(z|x) (latent-diffusion) rather than its mean
+    # A preset built afresh starts with this posterior log-variance (e.g. -6: noise std 0.05) instead of about 0
+    # (std 1), so a short run does not spend its steps decoding noisy latents. None: as initialised. A model
+    # with weights (a folder, a file, a checkpoint to resume) is never changed by it.
+    init_logvar: Optional[float] = None
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the encoder and decoder
 

@@ -40,10 +40,11 @@ from vaekit.cache.pairs import CachedPairs, collate_pairs
 from vaekit.config import save_config, to_dict
 from vaekit.data.streaming import StreamingImages, check_stream, stream_workers
 from vaekit.data.training import build_train_val, collate_images, collate_stream
-from vaekit.device import launched_processes, needs_cpu_collectives
+from vaekit.device import cpu_has_native_bf16, launched_processes, needs_cpu_collectives
 from vaekit.errors import VaekitError
 from vaekit.io import ensure_folder, remove_temporaries, write_json, write_text
-from vaekit.model.architecture import cast_vae, copy_vae, encoder_fingerprint, is_tiny, vae_config
+from vaekit.model.architecture import (cast_vae, copy_vae, encoder_fingerprint, is_tiny, set_initial_logvar,
+                                      vae_config)
 from vaekit.model.card import model_card
 from vaekit.model.load import load_vae, save_diffusers
 from vaekit.seeds import torch_generator
@@ -216,6 +217,9 @@ def start_run(cfg):
                           f"{accelerator.num_processes}; check the launcher flags.")
     if cfg.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         log.warning("train.mixed_precision=fp16 needs a GPU: this CPU run computes in fp32 (bf16 works on a CPU).")
+    if cfg.train.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_native_bf16():
+        log.warning("train.mixed_precision=bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 is emulated "
+                    "and usually slower than fp32; train.mixed_precision=no may be faster here.")
     if cfg.train.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -348,6 +352,8 @@ def build_vae(cfg, checkpoint=None, teacher=None):
             if changes:
                 set_seed(cfg.train.seed)
                 vae = load_vae(cfg.model.source, overrides={**cfg.model.overrides, **changes})
+        if cfg.model.init_logvar is not None and cfg.model.source.startswith("preset:"):  # built afresh, not loaded
+            set_initial_logvar(vae, cfg.model.init_logvar)
     distill.check_student(vae, cfg)
     return vae
 
