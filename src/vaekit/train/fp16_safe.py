@@ -318,14 +318,13 @@ def prepare(cfg, vae, train_ds, val_ds, checkpoint, device):
         return fix
     fix.parts = choose_parts(fp16.parts, maxima, fix.limit)
     cast_vae(vae, device=device)
-    plan = plan_rescale(vae, maxima, fix.limit, peaks.variances,
-                        parts=("encoder", "decoder") if fix.parts == "all" else ("decoder",),
+    rescaled_parts = ("encoder", "decoder") if fix.parts == "all" else ("decoder",)
+    plan = plan_rescale(vae, maxima, fix.limit, peaks.variances, parts=rescaled_parts,
                         eps_tolerance=fp16.eps_tolerance)
     apply_rescale(vae, plan)
     chains = {"chains": []}
     if fp16.approximate:  # what the exact plan left above the target inside GroupNorm -> SiLU -> conv chains
-        chains = plan_chain_rescale(vae, plan["predicted"], fix.limit,
-                                    parts=("encoder", "decoder") if fix.parts == "all" else ("decoder",))
+        chains = plan_chain_rescale(vae, plan["predicted"], fix.limit, parts=rescaled_parts)
         apply_chain_rescale(vae, chains)
     exact = outputs_against(teacher, vae, probe, fix.batch_size, device)
     rescaled = measured(vae, probe, fix.batch_size, device)
