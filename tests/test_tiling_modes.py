@@ -92,7 +92,7 @@ def test_fast_mode_is_close_to_untiled_and_estimates_only_the_full_resolution_st
     real_stage, real_measure = tiling.run_stage_tiled, tiling.StageRun.measure
     monkeypatch.setattr(tiling, "run_stage_tiled", lambda stage, h, *a, **k: stage_inputs.append((id(stage), h.shape[-2:]))
                         or real_stage(stage, h, *a, **k))
-    monkeypatch.setattr(tiling.StageRun, "measure", lambda self, u: measured.append((id(self.stage), self.x.shape[-2:]))
+    monkeypatch.setattr(tiling.StageRun, "measure", lambda self, u: measured.append((id(self.stage), self.extent))
                         or real_measure(self, u))
     fast = inference.decode(vae, mean, tile=96, tile_mode="fast")
     # The stage reaching the image's resolution runs its tiles once, its statistics measured on

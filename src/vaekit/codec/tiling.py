@@ -556,6 +556,7 @@ class StageRun:
 
     def __init__(self, stage, x, tile, overlap, options, store):
         self.stage, self.x, self.store, self.options = stage, x, store, options
+        self.device, self.batch = x.device, x.shape[0]
         self.extent = tuple(x.shape[-2:])
         self.tiles = plan_tiles(*self.extent, tile, overlap, stage.align)
         self.mine = options.processes.share(len(self.tiles))
@@ -593,7 +594,7 @@ class StageRun:
             if self.store is None:
                 # A pass through the whole stage (fast mode) frees buffers of every size as it goes;
                 # handed back unit by unit, they do not pile up in the allocator's cache.
-                release_free_memory(self.x.device)
+                release_free_memory(self.device)
             origin = (y0, x0)
         if self.store is not None and begin < target < len(stage.units):
             if self.store.put(i, tensors, spill_ok=self.worth_spilling(begin, target, tensors)):
@@ -618,9 +619,14 @@ class StageRun:
             moments = GroupMoments().add_region(tensors[unit.norm_input][..., y0:y1, x0:x1], unit.norm.num_groups)
             parts[i] = (moments.count, moments.mean, moments.m2)
             del tensors
-            release_free_memory(self.x.device)
-        merged = self.options.processes.merge_moments(parts, self.x.shape[0], unit.norm.num_groups)
+            release_free_memory(self.device)
+        merged = self.options.processes.merge_moments(parts, self.batch, unit.norm.num_groups)
         self.stats[u] = (merged.mean, merged.variance())
+        if self.mine and all(self.states[i].stored for i in self.mine):
+            # Every tile resumes from a checkpoint of its own: the stage input is no longer needed
+            # here (freed, when the caller handed over its reference: the decoder's last stage
+            # input is a quarter of the tiled pass's peak).
+            self.x = None
 
     def core_at(self, i, u, origin):
         """Tile i's core at boundary u, relative to a tensor whose top-left is `origin`."""
@@ -632,7 +638,7 @@ class StageRun:
     def finish(self, last):
         """The final pass: every tile to the stage output, its core pasted; assembled across processes."""
         end, out = len(self.stage.units), None
-        batch, (height, width) = self.x.shape[0], self.extent
+        batch, (height, width) = self.batch, self.extent
         for i in self.mine:
             tensors, origin = self.advance(i, end)
             y = tensors[0]
@@ -643,7 +649,7 @@ class StageRun:
             oy, ox = y0 + origin[0], x0 + origin[1]
             out[..., oy : oy + y1 - y0, ox : ox + x1 - x0] = y[..., y0:y1, x0:x1]
             del tensors, y
-            release_free_memory(self.x.device)
+            release_free_memory(self.device)
         if out is None:  # a process without tiles (more processes than tiles) still takes part in the sum
             out = self.empty_output(batch, height, width)
         return self.options.processes.assemble(out, to_all=not last)
@@ -668,6 +674,7 @@ def run_stage_tiled(stage, x, tile, overlap, options, stats=None, last=False):
     keep = stats is None  # measured pass by pass: checkpoints between the passes
     with CheckpointStore(x.device, options.keep_bytes, options.spill) if keep else contextlib.nullcontext() as store:
         run = StageRun(stage, x, tile, overlap, options, store)
+        del x  # the run holds the input, and drops it once every tile has a checkpoint
         if stats is not None:
             run.stats = dict(stats)
         for u, unit in enumerate(stage.units):
@@ -767,7 +774,9 @@ def run_stages_tiled(stages, x, pixels, tile, overlap, options, last):
         # Fast mode estimates the statistics of a stage that reaches high resolution, measures the others.
         estimated = options.mode == "fast" and min(pixels, pixels / stage.scale) < FAST_EXACT_PIXELS
         stats = estimate_stats(stage, x, tile_s, overlap_s, options) if estimated else None
-        x = run_stage_tiled(stage, x, tile_s, overlap_s, options, stats, last=last and s == len(stages) - 1)
+        handed = [x]
+        del x  # the stage run holds the only reference, so it can free the input when done with it
+        x = run_stage_tiled(stage, handed.pop(), tile_s, overlap_s, options, stats, last=last and s == len(stages) - 1)
         pixels = round(pixels / stage.scale)
     return x
 
@@ -808,5 +817,6 @@ def decode_tiled(vae, z, tile, overlap=None, options=None):
     With several processes, the image is assembled on the group's rank 0; the others return None.
     """
     options = options or TileOptions()
-    h = decoder_head(vae, z)
-    return run_stages_tiled(decoder_stages(vae), h, downsample_factor(vae), tile, overlap, options, last=True)
+    # The head's output handed over, not kept here: the stages free each input when done with it.
+    return run_stages_tiled(decoder_stages(vae), decoder_head(vae, z), downsample_factor(vae), tile, overlap, options,
+                            last=True)
