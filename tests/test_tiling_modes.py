@@ -132,6 +132,16 @@ def test_fast_mode_drifts_on_pixel_scale_patterns_and_exact_does_not(vae):
     assert db(mean, fast_mean) < db(smooth_mean, smooth_fast) - 3  # the documented worst case is worse
 
 
+def test_extrapolated_statistics_follow_the_trend_across_sampling_steps():
+    # Measured at steps 4 and 8: a mean falling by 0.1 an octave and a variance doubling an octave
+    # extrapolate to step 1 (two octaves finer); a variance that is zero at either step is kept.
+    near = {3: (torch.tensor([[0.5, 1.0]], dtype=torch.float64), torch.tensor([[2.0, 0.0]], dtype=torch.float64))}
+    far = {3: (torch.tensor([[0.6, 1.0]], dtype=torch.float64), torch.tensor([[1.0, 1.0]], dtype=torch.float64))}
+    mean, var = tiling.extrapolate_stats(near, far, 4)[3]
+    assert torch.allclose(mean, torch.tensor([[0.3, 1.0]], dtype=torch.float64))
+    assert torch.allclose(var, torch.tensor([[8.0, 0.0]], dtype=torch.float64))
+
+
 def test_one_tile_is_untiled_in_both_modes(vae):
     x = photo(64, 48)
     mean, _ = inference.encode(vae, x)
@@ -172,9 +182,12 @@ def test_fp16_fallback_in_fast_mode():
 
 
 @pytest.mark.parametrize("keep_bytes, spill", [(0, False), (1 << 30, False), (200_000, True)])
-def test_checkpoints_in_memory_on_disk_or_recomputed_give_the_same_result(vae, keep_bytes, spill):
+def test_checkpoints_in_memory_on_disk_or_recomputed_give_the_same_result(vae, keep_bytes, spill, monkeypatch):
     z = inference.encode(vae, photo(200, 136))[0]
-    calls = []
+    calls, input_held = [], []
+    real_finish = tiling.StageRun.finish
+    monkeypatch.setattr(tiling.StageRun, "finish", lambda self, last: input_held.append(self.x is not None)
+                        or real_finish(self, last))
     conv = vae.decoder.up_blocks[-1].resnets[-1].conv2  # the last unit of the last stage
     hook = conv.register_forward_hook(lambda *_: calls.append(1))
     try:
@@ -189,6 +202,8 @@ def test_checkpoints_in_memory_on_disk_or_recomputed_give_the_same_result(vae, k
     # Resuming from a checkpoint runs a tile's last convolution once per later GroupNorm pass at most;
     # recomputing from the stage input runs it in every pass after it, and in the final one.
     assert len(calls) >= tiles and (keep_bytes or spill or len(calls) > tiles)
+    # The last stage's input is let go once every tile has a checkpoint; recomputing still needs it.
+    assert input_held[-1] == (not keep_bytes and not spill)
 
 
 def test_spill_file_that_cannot_be_written_falls_back_to_recomputing(monkeypatch):
