@@ -28,7 +28,8 @@ def register(subparsers):
                         "field, which makes tiles exact; smaller is faster and approximate)")
     p.add_argument("--tile_mode", choices=("exact", "fast"), default="exact",
                    help="exact (default: tiles equal the untiled result, one pass per GroupNorm) or fast (GroupNorm "
-                        "statistics estimated once from a subsampled pass, then one pass: faster, approximate)")
+                        "statistics of the full-resolution stages estimated from subsampled runs, then one pass: faster, "
+                        "approximate)")
     p.add_argument("--memory_budget",
                    help="memory an untiled pass may use with --tile auto, e.g. 4G (default: free GPU or system memory)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",

@@ -7,7 +7,7 @@ without `size` it returns (h * f, w * f).
 
 tile: 'off', 'auto' (tile when the untiled pass would exceed the memory budget, or after an
 out-of-memory error) or a tile size in pixels. tile_mode: 'exact' (the default: tiles equal the
-untiled result up to float rounding) or 'fast' (GroupNorm statistics estimated once, one pass; see
+untiled result up to float rounding) or 'fast' (full-resolution stages' GroupNorm statistics estimated, one pass; see
 vaekit.codec.tiling). group: a torch.distributed process group whose processes share one image's
 tiles (vaekit.codec.parallel); the decoded image is returned on its rank 0. A half-precision batch
 whose result is not finite is redone in fp32 with a warning. `BulkEncoder` is the encoder set

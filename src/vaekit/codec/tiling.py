@@ -18,8 +18,9 @@ which shows as seams and colour drift; here no tile ever normalises on its own:
   checkpoint: in memory up to an allowance, then in a spill file on the CPU, else recomputed; see
   vaekit.codec.checkpoints). After the last GroupNorm is measured, a final pass writes each tile's
   core into the stage output.
-- Fast mode measures the statistics once, on the stage run over every other pixel of its input,
-  then runs the tiles once (approximate; docs/tiling.md says where it drifts).
+- Fast mode measures the low-resolution stages as exact mode does, estimates the statistics of
+  the full-resolution stages from the stage run over subsampled inputs, then runs their tiles once
+  (approximate; docs/tiling.md says where it drifts).
 - Each tile carries context around its core at least as wide as the stage's receptive field, so its
   core sees exactly the neighbourhood it has untiled; cores are pasted, never blended.
 - With a process group (vaekit.codec.parallel), each process runs a share of every stage's tiles;
@@ -537,7 +538,7 @@ SPILL_MACS_PER_BYTE = 96
 class TileOptions:
     """How tiles run beyond their size: the mode, the checkpoint memory, spilling, and the processes sharing them."""
 
-    mode: str = "exact"  # "exact": image-wide statistics measured pass by pass; "fast": estimated once
+    mode: str = "exact"  # "exact": image-wide statistics measured pass by pass; "fast": full-resolution stages estimated
     keep_bytes: int = 0  # exact mode: memory checkpoints may hold between passes
     spill: object = None  # exact mode: spill checkpoints to a temporary file (None: on the CPU only)
     processes: Processes = field(default_factory=Processes)
