@@ -98,6 +98,13 @@ CANDIDATES = {
                                                   "mid_block_add_attention: false}"]),
     "s1350": ("as shipped, 1350 steps, the held-out grid also at step 675", ["train.steps=1350", "validation.every=675",
                                                                              "train.checkpoint_every=675"]),
+    "s1400_ss256_384": ("as s1400, crops of the photos scaled to a short side of 256-384 px", [*PROBE, "train.steps=1400", "data.short_side=[256, 384]"]),
+    "s1400_ss256_512": ("as s1400, crops of the photos scaled to a short side of 256-512 px", [*PROBE, "train.steps=1400", "data.short_side=[256, 512]"]),
+    "s1400_ss192_320": ("as s1400, crops of the photos scaled to a short side of 192-320 px", [*PROBE, "train.steps=1400", "data.short_side=[192, 320]"]),
+    "s1400_ss160_256": ("as s1400, crops of the photos scaled to a short side of 160-256 px", [*PROBE, "train.steps=1400", "data.short_side=[160, 256]"]),
+    "ss_seed1": ("as s1400_ss192_320, seeds 1 (weights, order, noise) and 1 (crops)", [*PROBE, "train.steps=1400", "data.short_side=[192, 320]", "train.seed=1", "data.seed=1"]),
+    "ss_seed2": ("as s1400_ss192_320, seeds 2 and 2", [*PROBE, "train.steps=1400", "data.short_side=[192, 320]", "train.seed=2", "data.seed=2"]),
+    "ss_1350": ("as s1400_ss192_320, 1350 steps", [*PROBE, "train.steps=1350", "data.short_side=[192, 320]"]),
     "shipped": ("configs/train/demo.yaml as shipped", []),
 }
 

@@ -65,7 +65,7 @@ def _target_size(size):
 
 
 def prepare_image(img, size, crop="center", rng=None, small_images="upscale", min_size=0,
-                  background=(255, 255, 255)):
+                  background=(255, 255, 255), short_side=None):
     """Resize and crop `img` to `size` (int or (W, H)) by crop mode and small-image policy -> (img, Crop).
 
     crop: "center" (resize to cover, centre crop), "resize_random" (resize to cover, random crop),
@@ -73,6 +73,9 @@ def prepare_image(img, size, crop="center", rng=None, small_images="upscale", mi
     small_images, for images smaller than the crop on either side: "upscale" (default) resizes
     them up, "pad" keeps them at native size centred on `background`, "skip" raises ImageError.
     An image whose short side is below `min_size` is always skipped ("smaller than min_size").
+    short_side: (low, high) pixels, "random" crops only: the image is first scaled down so that its
+    short side is a length drawn uniformly from [low, high] (never up; never below the crop), so
+    crops show the photo at the scales it is seen at, not only at its capture resolution.
     """
     if crop not in CROP_MODES:
         raise VaekitError(f"crop must be one of {', '.join(CROP_MODES)}, got {crop!r}.")
@@ -88,6 +91,8 @@ def prepare_image(img, size, crop="center", rng=None, small_images="upscale", mi
     if cover > 1 and small_images == "skip":
         raise ImageError("smaller than crop size", None, f"{width}x{height} < {target_w}x{target_h}")
     scale = max(cover, 1.0) if crop == "random" else cover
+    if crop == "random" and short_side is not None:
+        scale = max(cover, min(1.0, rng.uniform(*short_side) / min(width, height)))
     if small_images == "pad":
         scale = min(scale, 1.0)
     resized_w, resized_h = max(1, round(width * scale)), max(1, round(height * scale))
@@ -183,12 +188,12 @@ def resize_crop_to_bucket(img, bucket, small_images="upscale", background=(255, 
     return prepare_image(img, tuple(bucket), "center", small_images=small_images, background=background)
 
 
-def train_pixels(img, rng, size, crop, flip, small_images, min_size, background, colour=(0.0, 0.0)):
+def train_pixels(img, rng, size, crop, flip, small_images, min_size, background, colour=(0.0, 0.0), short_side=None):
     """A training crop of a decoded image: (3, size, size) in [-1, 1], cropped and flipped by `rng`; ImageError if unusable.
 
     `colour` = (hue, saturation) jitter, see `jitter_colour`; (0, 0) draws nothing more from `rng`.
     """
-    img, _ = prepare_image(img, size, crop, rng, small_images, min_size, background)
+    img, _ = prepare_image(img, size, crop, rng, small_images, min_size, background, short_side)
     pixels = to_tensor(img)
     if flip and rng.random() < 0.5:
         pixels = pixels.flip(-1)  # (3, H, W), mirrored left-right
