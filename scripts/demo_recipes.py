@@ -118,6 +118,17 @@ CANDIDATES = {
                  [*PROBE, "train.steps=1400", "data.short_side=[192, 320]", "train.seed=1"]),
     "ss_seed2": ("as s1400_ss192_320, train.seed 2",
                  [*PROBE, "train.steps=1400", "data.short_side=[192, 320]", "train.seed=2"]),
+    "ss_lp20": ("as s1400_ss192_320, LPIPS weight 0.2",
+                [*PROBE, "train.steps=1400", "data.short_side=[192, 320]", "loss.perceptual_weight=0.2"]),
+    "ss_lp20_seed1": ("as ss_lp20, train.seed 1", [*PROBE, "train.steps=1400", "data.short_side=[192, 320]",
+                                                   "loss.perceptual_weight=0.2", "train.seed=1"]),
+    "ss_lp20_seed2": ("as ss_lp20, train.seed 2", [*PROBE, "train.steps=1400", "data.short_side=[192, 320]",
+                                                   "loss.perceptual_weight=0.2", "train.seed=2"]),
+    **{f"ss_jitter{suffix}": (f"as s1400_ss192_320, mild colour jitter (hue +-0.05 of the wheel, saturation x 0.7-1.3)"
+                              f"{', train.seed ' + suffix[-1] if suffix else ''}",
+                              [*PROBE, "train.steps=1400", "data.short_side=[192, 320]", "data.hue_jitter=0.05",
+                               "data.saturation_jitter=0.3", *([f"train.seed={suffix[-1]}"] if suffix else [])])
+       for suffix in ("", "_seed1", "_seed2")},
     "ss_1350": ("as s1400_ss192_320, 1350 steps", [*PROBE, "train.steps=1350", "data.short_side=[192, 320]"]),
     "native": ("the previous `make demo` recipe: as shipped, crops at the photos' capture resolution", NATIVE),
     "shipped": ("configs/train/demo.yaml as shipped", []),

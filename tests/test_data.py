@@ -581,6 +581,24 @@ def test_colour_jitter_is_seeded_turns_hues_and_leaves_other_crops_alone(mixed_d
     assert torch.allclose(turned, flat, atol=1e-5) and not torch.equal(grey[good[0]]["pixels"], plain[good[0]]["pixels"])
 
 
+def test_colour_jitter_keeps_luma_and_greys_and_scales_saturation_as_torchvision():
+    from torchvision.transforms.v2 import functional as F
+
+    pixels = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.6  # well inside [-1, 1]
+    luma = torch.tensor([0.299, 0.587, 0.114])
+    turned = crops.jitter_colour(pixels.clone(), np.random.default_rng(1), 0.5, 0.0)
+    assert torch.allclose(torch.einsum("c,chw->hw", luma, turned), torch.einsum("c,chw->hw", luma, pixels), atol=1e-5)
+    assert (turned - pixels).abs().max() > 0.05  # the hue did turn
+    grey = torch.linspace(-1, 1, 48).reshape(1, 4, 12).expand(3, -1, -1)
+    assert torch.allclose(crops.jitter_colour(grey.clone(), np.random.default_rng(2), 0.5, 0.9), grey, atol=1e-5)
+    rng = np.random.default_rng(3)
+    saturated = crops.jitter_colour(pixels.clone(), rng, 0.0, 0.5)
+    factor = np.random.default_rng(3)
+    factor.uniform(0, 0)
+    expected = F.adjust_saturation(pixels.add(1).div(2), factor.uniform(0.5, 1.5)).mul(2).sub(1)
+    assert torch.allclose(saturated, expected, atol=1e-3)
+
+
 def test_colour_jitter_reaches_both_training_datasets_and_is_bounded(mixed_dir, tmp_path):
     config = DataConfig(path=str(mixed_dir), holdout=1, hue_jitter=0.1, saturation_jitter=0.3)
     train, held = build_train_val(config)
