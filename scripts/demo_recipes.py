@@ -34,11 +34,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The previous `make demo` recipe, as overrides of configs/train/demo.yaml: fp32, 900 steps x 4 crops, EMA,
 # latent-diffusion's Adam betas, the posterior's usual initial variance, every crop decoding its photo.
-PREVIOUS = ["model.overrides={latent_channels: 16, norm_num_groups: 8}", "model.init_logvar=null", "data.keep_decoded=0",
+PREVIOUS = ["data.short_side=null", "model.overrides={latent_channels: 16, norm_num_groups: 8}",
+            "model.init_logvar=null", "data.keep_decoded=0",
             "optim.betas=[0.5, 0.9]", "ema.enabled=true", "ema.warmup=true", "train.steps=900", "train.batch_size=4",
             "train.mixed_precision=no", "train.checkpoint_every=300", "validation.every=300", "log.every=25"]
 # Short probes (about a minute of training; held-out metrics only at the end) rank the levers before full runs.
 PROBE = ["validation.every=0", "train.checkpoint_every=10000"]
+# Crops at the photos' capture resolution, as every recipe before random scales.
+NATIVE = ["data.short_side=null"]
 # The levers measured one by one from the previous recipe, as the probes ran them.
 FAST = ["train.mixed_precision=bf16", "ema.enabled=false",
         "model.overrides={latent_channels: 16, norm_num_groups: 8, mid_block_add_attention: false}"]
@@ -82,22 +85,52 @@ CANDIDATES = {
     "p_b8_quiet_betas": ("probe: as p_bf16_b8_quiet, Adam betas [0.9, 0.99]",
                          [*PREVIOUS, *PROBE, *FAST, *QUIET, *BETAS, "train.batch_size=8", "train.steps=450"]),
     # From here on as overrides of the shipped recipe (bf16, 8 crops a step, no EMA, no mid-block attention,
-    # log-variance initialised at -6, photos kept decoded, betas [0.9, 0.99]).
-    "p_w16": ("probe: the shipped recipe, 600 steps, widths [16, 32, 64, 64]",
-              [*PROBE, "train.steps=600", "model.overrides={latent_channels: 16, norm_num_groups: 8, "
+    # log-variance initialised at -6, photos kept decoded, betas [0.9, 0.99]); first the `native` recipe, whose
+    # crops are at the photos' capture resolution.
+    "p_w16": ("probe: the native recipe, 600 steps, widths [16, 32, 64, 64]",
+              [*NATIVE, *PROBE, "train.steps=600", "model.overrides={latent_channels: 16, norm_num_groups: 8, "
                                           "mid_block_add_attention: false, block_out_channels: [16, 32, 64, 64]}"]),
-    "p_lr2e3": ("probe: the shipped recipe, 450 steps, lr 2e-3", [*PROBE, "train.steps=450", "optim.lr=2e-3"]),
-    "p_betas_999": ("probe: the shipped recipe, 450 steps, betas [0.9, 0.999] (PyTorch's default)",
-                    [*PROBE, "train.steps=450", "optim.betas=[0.9, 0.999]"]),
+    "p_lr2e3": ("probe: the native recipe, 450 steps, lr 2e-3",
+                [*NATIVE, *PROBE, "train.steps=450", "optim.lr=2e-3"]),
+    "p_betas_999": ("probe: the native recipe, 450 steps, betas [0.9, 0.999] (PyTorch's default)",
+                    [*NATIVE, *PROBE, "train.steps=450", "optim.betas=[0.9, 0.999]"]),
     "b8_quiet": ("as p_bf16_b8_quiet for the whole budget: 1400 steps",
                  [*PREVIOUS, *PROBE, *FAST, *QUIET, "train.batch_size=8", "train.steps=1400"]),
-    "s1400": ("the shipped recipe, 1400 steps, held-out metrics only at the end", [*PROBE, "train.steps=1400"]),
-    "s1400_lpips25": ("as s1400, LPIPS weight 0.25", [*PROBE, "train.steps=1400", "loss.perceptual_weight=0.25"]),
-    "s1400_c32": ("as s1400, 32 latent channels", [*PROBE, "train.steps=1400", "loss.kl_weight=1.6667e-7",
+    "s1400": ("the native recipe, 1400 steps, held-out metrics only at the end",
+              [*NATIVE, *PROBE, "train.steps=1400"]),
+    "s1400_lpips25": ("as s1400, LPIPS weight 0.25",
+                      [*NATIVE, *PROBE, "train.steps=1400", "loss.perceptual_weight=0.25"]),
+    "s1400_c32": ("as s1400, 32 latent channels", [*NATIVE, *PROBE, "train.steps=1400", "loss.kl_weight=1.6667e-7",
                                                   "model.overrides={latent_channels: 32, norm_num_groups: 8, "
                                                   "mid_block_add_attention: false}"]),
-    "s1350": ("as shipped, 1350 steps, the held-out grid also at step 675", ["train.steps=1350", "validation.every=675",
-                                                                             "train.checkpoint_every=675"]),
+    "s1350": ("as native, 1350 steps, the held-out grid also at step 675",
+              [*NATIVE, "train.steps=1350", "validation.every=675", "train.checkpoint_every=675"]),
+    # Random scales: crops of the photos scaled to a short side in a range (the held-out photos are scored at 256 px).
+    "s1400_ss256_384": ("as s1400, crops of the photos scaled to a short side of 256-384 px",
+                        [*PROBE, "train.steps=1400", "data.short_side=[256, 384]"]),
+    "s1400_ss256_512": ("as s1400, crops of the photos scaled to a short side of 256-512 px",
+                        [*PROBE, "train.steps=1400", "data.short_side=[256, 512]"]),
+    "s1400_ss192_320": ("as s1400, crops of the photos scaled to a short side of 192-320 px",
+                        [*PROBE, "train.steps=1400", "data.short_side=[192, 320]"]),
+    "s1400_ss160_256": ("as s1400, crops of the photos scaled to a short side of 160-256 px",
+                        [*PROBE, "train.steps=1400", "data.short_side=[160, 256]"]),
+    "ss_seed1": ("as s1400_ss192_320, train.seed 1 (initial weights, data order, posterior noise)",
+                 [*PROBE, "train.steps=1400", "data.short_side=[192, 320]", "train.seed=1"]),
+    "ss_seed2": ("as s1400_ss192_320, train.seed 2",
+                 [*PROBE, "train.steps=1400", "data.short_side=[192, 320]", "train.seed=2"]),
+    "ss_lp20": ("as s1400_ss192_320, LPIPS weight 0.2",
+                [*PROBE, "train.steps=1400", "data.short_side=[192, 320]", "loss.perceptual_weight=0.2"]),
+    "ss_lp20_seed1": ("as ss_lp20, train.seed 1", [*PROBE, "train.steps=1400", "data.short_side=[192, 320]",
+                                                   "loss.perceptual_weight=0.2", "train.seed=1"]),
+    "ss_lp20_seed2": ("as ss_lp20, train.seed 2", [*PROBE, "train.steps=1400", "data.short_side=[192, 320]",
+                                                   "loss.perceptual_weight=0.2", "train.seed=2"]),
+    **{f"ss_jitter{suffix}": (f"as s1400_ss192_320, mild colour jitter (hue +-0.05 of the wheel, saturation x 0.7-1.3)"
+                              f"{', train.seed ' + suffix[-1] if suffix else ''}",
+                              [*PROBE, "train.steps=1400", "data.short_side=[192, 320]", "data.hue_jitter=0.05",
+                               "data.saturation_jitter=0.3", *([f"train.seed={suffix[-1]}"] if suffix else [])])
+       for suffix in ("", "_seed1", "_seed2")},
+    "ss_1350": ("as s1400_ss192_320, 1350 steps", [*PROBE, "train.steps=1350", "data.short_side=[192, 320]"]),
+    "native": ("the previous `make demo` recipe: as shipped, crops at the photos' capture resolution", NATIVE),
     "shipped": ("configs/train/demo.yaml as shipped", []),
 }
 

@@ -367,6 +367,50 @@ def test_random_crop_is_native_resolution_and_seeded():
     assert resized.resized_size == (43, 32) and 0 <= resized.box[0] <= 11 and resized.box[1] == 0
 
 
+def test_random_crops_at_random_scales_scale_down_only_and_stay_seeded():
+    img = imagegen.make_photo(400, 300)
+    _, crop = prepare_image(img, 64, "random", np.random.default_rng(0), short_side=(150, 150))
+    assert crop.resized_size == (200, 150) and crop.box[2] - crop.box[0] == 64
+    _, crop = prepare_image(img, 64, "random", np.random.default_rng(0), short_side=(600, 900))
+    assert crop.resized_size == (400, 300)  # never scaled up
+    _, crop = prepare_image(img, 64, "random", np.random.default_rng(0), short_side=(10, 20))
+    assert crop.resized_size == (85, 64)  # never below the crop
+    sides = [prepare_image(img, 64, "random", np.random.default_rng(s), short_side=(120, 240))[1].resized_size[1]
+             for s in range(30)]
+    assert min(sides) >= 120 and max(sides) <= 240 and len(set(sides)) > 10
+    a, crop_a = prepare_image(img, 64, "random", np.random.default_rng(3), short_side=(120, 240))
+    b, crop_b = prepare_image(img, 64, "random", np.random.default_rng(3), short_side=(120, 240))
+    assert crop_a == crop_b and np.array_equal(pixels(a), pixels(b))
+    # The crop shows the scaled photo: the same pixels as scaling the whole photo, then cutting the box.
+    whole = img.resize(crop_a.resized_size, crops.RESAMPLE).crop(crop_a.box)
+    assert np.abs(pixels(a).astype(int) - pixels(whole).astype(int)).max() <= 2
+
+
+def test_random_scales_reach_both_training_datasets_and_are_validated(mixed_dir, tmp_path):
+    train, held = build_train_val(DataConfig(path=str(mixed_dir), holdout=1, crop="random", size=32,
+                                             short_side=[40, 48]))
+    assert train.short_side == [40, 48] and held.short_side is None  # held-out images are not rescaled
+    plain, _ = build_train_val(DataConfig(path=str(mixed_dir), holdout=1, crop="random", size=32))
+    good = [i for i, k in enumerate(train.source.keys()) if k.startswith("photo")]
+    assert any(not torch.equal(train[i]["pixels"], plain[i]["pixels"]) for i in good)
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(4):
+            data = imagegen.encode(imagegen.make_photo(160, 120, seed=i), "PNG")
+            info = tarfile.TarInfo(f"{i:03d}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    streamed = lambda side: next(iter(build_train_val(DataConfig(  # noqa: E731
+        path=str(shard), streaming="on", holdout=0, size=32, crop="random", short_side=side))[0]))
+    assert not torch.equal(streamed(None)["pixels"], streamed([40, 40])["pixels"])
+    for bad, match in (({"short_side": [300, 200], "crop": "random"}, "low <= high"),
+                       ({"short_side": [0, 10], "crop": "random"}, "low <= high"),
+                       ({"short_side": [64], "crop": "random"}, "low <= high"),
+                       ({"short_side": [64, 128], "crop": "center"}, "crop: random")):
+        with pytest.raises(ValueError, match=match):
+            DataConfig(**bad)
+
+
 def test_small_image_policies_and_min_size():
     img = Image.new("RGB", (20, 30), (10, 20, 30))
     up, crop = prepare_image(img, 32, small_images="upscale")
@@ -535,6 +579,24 @@ def test_colour_jitter_is_seeded_turns_hues_and_leaves_other_crops_alone(mixed_d
     flat = plain[good[0]]["pixels"].mean(0, keepdim=True).expand(3, -1, -1)
     turned = crops.jitter_colour(flat.clone(), np.random.default_rng(0), 0.5, 0.0)
     assert torch.allclose(turned, flat, atol=1e-5) and not torch.equal(grey[good[0]]["pixels"], plain[good[0]]["pixels"])
+
+
+def test_colour_jitter_keeps_luma_and_greys_and_scales_saturation_as_torchvision():
+    from torchvision.transforms.v2 import functional as F
+
+    pixels = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.6  # well inside [-1, 1]
+    luma = torch.tensor([0.299, 0.587, 0.114])
+    turned = crops.jitter_colour(pixels.clone(), np.random.default_rng(1), 0.5, 0.0)
+    assert torch.allclose(torch.einsum("c,chw->hw", luma, turned), torch.einsum("c,chw->hw", luma, pixels), atol=1e-5)
+    assert (turned - pixels).abs().max() > 0.05  # the hue did turn
+    grey = torch.linspace(-1, 1, 48).reshape(1, 4, 12).expand(3, -1, -1)
+    assert torch.allclose(crops.jitter_colour(grey.clone(), np.random.default_rng(2), 0.5, 0.9), grey, atol=1e-5)
+    rng = np.random.default_rng(3)
+    saturated = crops.jitter_colour(pixels.clone(), rng, 0.0, 0.5)
+    factor = np.random.default_rng(3)
+    factor.uniform(0, 0)
+    expected = F.adjust_saturation(pixels.add(1).div(2), factor.uniform(0.5, 1.5)).mul(2).sub(1)
+    assert torch.allclose(saturated, expected, atol=1e-3)
 
 
 def test_colour_jitter_reaches_both_training_datasets_and_is_bounded(mixed_dir, tmp_path):

@@ -342,10 +342,13 @@ def test_every_demo_recipe_candidate_is_a_valid_config():
     finally:
         sys.path.remove(str(ROOT / "scripts"))
     assert "shipped" in recipes.CANDIDATES and recipes.CANDIDATES["shipped"][1] == []
+    shipped = load_config(TrainConfig, ROOT / "configs" / "train" / "demo.yaml")
     for name, (_, overrides) in recipes.CANDIDATES.items():
         config = load_config(TrainConfig, ROOT / "configs" / "train" / "demo.yaml", overrides)
         check_config(config)
         assert config.data.holdout == 2 and config.validation.size == 256, name  # scored as `make demo` is
+        # ... on the same photos: data.seed also chooses the held-out photos
+        assert (config.data.path, config.data.seed) == (shipped.data.path, shipped.data.seed), name
 
 
 # ------------------------------------------------------------------------------------------------

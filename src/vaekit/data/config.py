@@ -61,6 +61,9 @@ class DataConfig:
     # Training images each process (or worker) keeps decoded in memory, the first it reads: a small data set
     # such as builtin:photos is decoded once instead of once per crop. 0: decode for every crop.
     keep_decoded: int = 0
+    # `crop: random` at random scales: each crop comes from the image scaled down so that its short side is a
+    # random length in [low, high] pixels (never scaled up). null: every crop at the image's own resolution.
+    short_side: list[int] | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -71,6 +74,13 @@ class DataConfig:
         if not 0 <= self.hue_jitter <= 0.5 or not 0 <= self.saturation_jitter <= 1:
             raise ValueError(f"hue_jitter must be in [0, 0.5] and saturation_jitter in [0, 1], got {self.hue_jitter} "
                              f"and {self.saturation_jitter}")
+        if self.short_side is not None:
+            if len(self.short_side) != 2 or not 1 <= self.short_side[0] <= self.short_side[1]:
+                raise ValueError(f"short_side must be [low, high] pixels with 1 <= low <= high (or null), got "
+                                 f"{self.short_side}")
+            if self.crop != "random":
+                raise ValueError(f"short_side scales the photos that `crop: random` crops from; with crop "
+                                 f"{self.crop!r} set it to null or use crop: random")
         check_read_limits(self.max_image_bytes, self.read_timeout)
 
 

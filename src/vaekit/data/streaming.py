@@ -75,10 +75,11 @@ class StreamingImages(torch.utils.data.IterableDataset):
 
     def __init__(self, urls, field=None, size=256, crop="resize_random", flip=True, small_images="upscale",
                  min_size=16, background=(255, 255, 255), max_pixels=None, seed=0, order_seed=0, held_head=None,
-                 max_image_bytes=DEFAULT_MAX_IMAGE_BYTES, read_timeout=DEFAULT_READ_TIMEOUT, colour=(0.0, 0.0)):
+                 max_image_bytes=DEFAULT_MAX_IMAGE_BYTES, read_timeout=DEFAULT_READ_TIMEOUT, colour=(0.0, 0.0), short_side=None):
         self.urls, self.field = list(urls), field
         self.size, self.crop, self.flip = size, crop, flip
         self.colour = tuple(colour)  # (hue, saturation) jitter: vaekit.data.crops.jitter_colour
+        self.short_side = short_side  # random crops at random scales: vaekit.data.crops.prepare_image
         self.small_images, self.min_size, self.background = small_images, min_size, tuple(background)
         self.max_pixels, self.seed, self.order_seed = max_pixels, seed, order_seed
         self.max_image_bytes, self.read_timeout = max_image_bytes, read_timeout
@@ -134,7 +135,7 @@ class StreamingImages(torch.utils.data.IterableDataset):
                 raise data
             img = decode_image(data, background=self.background, max_pixels=self.max_pixels)
             pixels = train_pixels(img, rng, self.size, self.crop, self.flip, self.small_images, self.min_size,
-                                  self.background, self.colour)
+                                  self.background, self.colour, self.short_side)
         except ImageError as e:
             return {"error": e.reason, "key": key}
         return {"pixels": pixels, "key": key}
@@ -184,7 +185,8 @@ def open_stream(config, order_seed):
                             max_pixels=config.max_pixels, seed=config.seed, order_seed=order_seed,
                             held_head={len(urls) - 1: count} if count else None,
                             max_image_bytes=config.max_image_bytes, read_timeout=config.read_timeout,
-                            colour=(config.hue_jitter, config.saturation_jitter))
+                            colour=(config.hue_jitter, config.saturation_jitter),
+                            short_side=config.short_side)
     return train, held
 
 

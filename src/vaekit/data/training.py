@@ -23,7 +23,7 @@ class TrainImageDataset(EpochSeeded, torch.utils.data.Dataset):
 
     def __init__(self, source, size=256, crop="resize_random", flip=True, small_images="upscale", min_size=16,
                  background=(255, 255, 255), max_pixels=DEFAULT_MAX_PIXELS, seed=0,
-                 max_image_bytes=DEFAULT_MAX_IMAGE_BYTES, keep_decoded=0, colour=(0.0, 0.0)):
+                 max_image_bytes=DEFAULT_MAX_IMAGE_BYTES, keep_decoded=0, colour=(0.0, 0.0), short_side=None):
         if crop not in CROP_MODES:
             raise VaekitError(f"crop must be one of {', '.join(CROP_MODES)}, got {crop!r}.")
         if small_images not in SMALL_IMAGE_POLICIES:
@@ -42,6 +42,7 @@ class TrainImageDataset(EpochSeeded, torch.utils.data.Dataset):
         # them): a small data set is then decoded once instead of once per crop. A PIL image is not changed
         # by the crops taken from it, so a kept image gives the same crops as a fresh decode.
         self.colour = tuple(colour)  # (hue, saturation) jitter: vaekit.data.crops.jitter_colour
+        self.short_side = short_side  # random crops at random scales: vaekit.data.crops.prepare_image
         self.keep_decoded = keep_decoded
         self.decoded = {}
 
@@ -60,7 +61,7 @@ class TrainImageDataset(EpochSeeded, torch.utils.data.Dataset):
                 if len(self.decoded) < self.keep_decoded:
                     self.decoded[index] = img
             pixels = train_pixels(img, rng, self.size, self.crop, self.flip, self.small_images, self.min_size,
-                                  self.background, self.colour)
+                                  self.background, self.colour, self.short_side)
         except ImageError as e:
             return {"error": e.reason, "key": record.key}
         return {"pixels": pixels, "key": record.key}
@@ -100,7 +101,8 @@ def build_train_val(config, val_size=None, order_seed=0):
         source = open_source(config.path, config.source, config.split, config.image_column, config.key_column)
         train_source, val_source = split_holdout(source, config.holdout, config.seed)
         train = TrainImageDataset(train_source, crop=config.crop, flip=config.flip, keep_decoded=config.keep_decoded,
-                                  colour=(config.hue_jitter, config.saturation_jitter), **common)
+                                  colour=(config.hue_jitter, config.saturation_jitter),
+                                  short_side=config.short_side, **common)
     if val_source is None or not len(val_source):
         return train, None
     val_common = {**common, "size": val_size or config.size}
