@@ -394,12 +394,7 @@ def test_random_scales_reach_both_training_datasets_and_are_validated(mixed_dir,
     good = [i for i, k in enumerate(train.source.keys()) if k.startswith("photo")]
     assert any(not torch.equal(train[i]["pixels"], plain[i]["pixels"]) for i in good)
     shard = tmp_path / "s.tar"
-    with tarfile.open(shard, "w") as tar:
-        for i in range(4):
-            data = imagegen.encode(imagegen.make_photo(160, 120, seed=i), "PNG")
-            info = tarfile.TarInfo(f"{i:03d}.png")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    write_tar(shard, {f"{i:03d}.png": imagegen.encode(imagegen.make_photo(160, 120, seed=i), "PNG") for i in range(4)})
     streamed = lambda side: next(iter(build_train_val(DataConfig(  # noqa: E731
         path=str(shard), streaming="on", holdout=0, size=32, crop="random", short_side=side))[0]))
     assert not torch.equal(streamed(None)["pixels"], streamed([40, 40])["pixels"])
@@ -604,12 +599,7 @@ def test_colour_jitter_reaches_both_training_datasets_and_is_bounded(mixed_dir, 
     train, held = build_train_val(config)
     assert train.colour == (0.1, 0.3) and held.colour == (0.0, 0.0)  # held-out images keep their colours
     shard = tmp_path / "s.tar"
-    with tarfile.open(shard, "w") as tar:
-        for i in range(4):
-            data = imagegen.encode(imagegen.make_photo(48, 40, seed=i), "PNG")
-            info = tarfile.TarInfo(f"{i:03d}.png")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    write_tar(shard, {f"{i:03d}.png": imagegen.encode(imagegen.make_photo(48, 40, seed=i), "PNG") for i in range(4)})
     streamed = lambda colour: next(iter(build_train_val(DataConfig(  # noqa: E731
         path=str(shard), streaming="on", holdout=0, size=32, hue_jitter=colour, saturation_jitter=colour))[0]))
     assert streamed(0.0)["key"] == streamed(0.5)["key"]

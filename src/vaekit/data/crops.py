@@ -205,6 +205,7 @@ def train_pixels(img, rng, size, crop, flip, small_images, min_size, background,
 # RGB -> YIQ (NTSC): Y is the luma torchvision's grayscale uses, I and Q the two chroma axes (each row sums to 0,
 # so greys have no chroma at any brightness).
 _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
 
 
 def jitter_colour(pixels, rng, hue, saturation):
@@ -219,7 +220,7 @@ def jitter_colour(pixels, rng, hue, saturation):
     turn, scale = rng.uniform(-hue, hue), rng.uniform(1 - saturation, 1 + saturation)
     cos, sin = math.cos(2 * math.pi * turn) * scale, math.sin(2 * math.pi * turn) * scale
     chroma = np.array([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
-    matrix = torch.from_numpy(np.linalg.inv(_RGB_TO_YIQ) @ chroma @ _RGB_TO_YIQ).to(pixels.dtype)
+    matrix = torch.from_numpy(_YIQ_TO_RGB @ chroma @ _RGB_TO_YIQ).to(pixels.dtype)
     # Linear with greys fixed, so it applies to [-1, 1] values as well as to [0, 1] ones.
     return torch.einsum("ij,jhw->ihw", matrix, pixels).clamp_(-1.0, 1.0)
 
