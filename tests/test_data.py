@@ -389,7 +389,7 @@ def test_random_crops_at_random_scales_scale_down_only_and_stay_seeded():
 def test_random_scales_reach_both_training_datasets_and_are_validated(mixed_dir, tmp_path):
     train, held = build_train_val(DataConfig(path=str(mixed_dir), holdout=1, crop="random", size=32,
                                              short_side=[40, 48]))
-    assert train.short_side == [40, 48] and held.short_side is None  # held-out images are not rescaled
+    assert train.recipe.short_side == (40, 48) and held.recipe.short_side is None  # held-out images are not rescaled
     plain, _ = build_train_val(DataConfig(path=str(mixed_dir), holdout=1, crop="random", size=32))
     good = [i for i, k in enumerate(train.source.keys()) if k.startswith("photo")]
     assert any(not torch.equal(train[i]["pixels"], plain[i]["pixels"]) for i in good)
@@ -597,7 +597,7 @@ def test_colour_jitter_keeps_luma_and_greys_and_scales_saturation_as_torchvision
 def test_colour_jitter_reaches_both_training_datasets_and_is_bounded(mixed_dir, tmp_path):
     config = DataConfig(path=str(mixed_dir), holdout=1, hue_jitter=0.1, saturation_jitter=0.3)
     train, held = build_train_val(config)
-    assert train.colour == (0.1, 0.3) and held.colour == (0.0, 0.0)  # held-out images keep their colours
+    assert train.recipe.colour == (0.1, 0.3) and held.recipe.colour == (0.0, 0.0)  # held-out images keep their colours
     shard = tmp_path / "s.tar"
     write_tar(shard, {f"{i:03d}.png": imagegen.encode(imagegen.make_photo(48, 40, seed=i), "PNG") for i in range(4)})
     streamed = lambda colour: next(iter(build_train_val(DataConfig(  # noqa: E731
@@ -642,7 +642,7 @@ def test_data_config_and_build_train_val(mixed_dir):
     assert len(train) == 7 and len(val) == 2
     assert set(train.source.keys()).isdisjoint(val.source.keys())
     assert build_train_val(config)[1].source.keys() == val.source.keys()
-    assert val.crop == "center" and val.flip is False
+    assert val.recipe.crop == "center" and val.recipe.flip is False
     good = [i for i in range(len(val)) if "pixels" in val[i]]
     val.set_epoch(5)
     assert all(torch.equal(val[i]["pixels"], val[(i, 0)]["pixels"]) for i in good)

@@ -2,6 +2,7 @@
 
 - `prepare_image(img, size, crop=...)` returns the output with a `Crop` that records where it came from;
 - `make_buckets` / `nearest_bucket` / `resize_crop_to_bucket` for aspect-ratio bucketing;
+- `TrainCrop`: a training crop (crop mode, random scale, flip, `jitter_colour`), the same for every data set;
 - `to_tensor` / `to_pil` convert between PIL images and (3, H, W) tensors in [-1, 1].
 """
 
@@ -188,18 +189,32 @@ def resize_crop_to_bucket(img, bucket, small_images="upscale", background=(255, 
     return prepare_image(img, tuple(bucket), "center", small_images=small_images, background=background)
 
 
-def train_pixels(img, rng, size, crop, flip, small_images, min_size, background, colour=(0.0, 0.0), short_side=None):
-    """A training crop of a decoded image: (3, size, size) in [-1, 1], cropped and flipped by `rng`; ImageError if unusable.
+@dataclasses.dataclass(frozen=True)
+class TrainCrop:
+    """How a decoded training image becomes a crop: `prepare_image`'s options, the flip and the colour jitter.
 
-    `colour` = (hue, saturation) jitter, see `jitter_colour`; (0, 0) draws nothing more from `rng`.
+    Called with (img, rng): (3, size, size) in [-1, 1], cropped, flipped and jittered by `rng`; ImageError if
+    unusable. `colour` = (hue, saturation) jitter, see `jitter_colour`; (0, 0) draws nothing more from `rng`.
     """
-    img, _ = prepare_image(img, size, crop, rng, small_images, min_size, background, short_side)
-    pixels = to_tensor(img)
-    if flip and rng.random() < 0.5:
-        pixels = pixels.flip(-1)  # (3, H, W), mirrored left-right
-    if any(colour):
-        pixels = jitter_colour(pixels, rng, *colour)
-    return pixels
+
+    size: int = 256
+    crop: str = "resize_random"
+    flip: bool = True
+    small_images: str = "upscale"
+    min_size: int = 16
+    background: tuple = (255, 255, 255)
+    colour: tuple = (0.0, 0.0)
+    short_side: tuple | None = None  # (low, high): random crops at random scales, see `prepare_image`
+
+    def __call__(self, img, rng):
+        img, _ = prepare_image(img, self.size, self.crop, rng, self.small_images, self.min_size, self.background,
+                               self.short_side)
+        pixels = to_tensor(img)
+        if self.flip and rng.random() < 0.5:
+            pixels = pixels.flip(-1)  # (3, H, W), mirrored left-right
+        if any(self.colour):
+            pixels = jitter_colour(pixels, rng, *self.colour)
+        return pixels
 
 
 # RGB -> YIQ (NTSC): Y is the luma torchvision's grayscale uses, I and Q the two chroma axes (each row sums to 0,

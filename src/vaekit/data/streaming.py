@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from vaekit.data.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_READ_TIMEOUT, IMAGE_EXTENSIONS
-from vaekit.data.crops import train_pixels
+from vaekit.data.crops import TrainCrop
 from vaekit.data.decode import ImageError, decode_image
 from vaekit.data.shards import COMPRESSED_SUFFIXES, expand_shards, is_local, looks_like_shards, shard_samples
 from vaekit.data.sources import Source
@@ -75,12 +75,12 @@ class StreamingImages(torch.utils.data.IterableDataset):
 
     def __init__(self, urls, field=None, size=256, crop="resize_random", flip=True, small_images="upscale",
                  min_size=16, background=(255, 255, 255), max_pixels=None, seed=0, order_seed=0, held_head=None,
-                 max_image_bytes=DEFAULT_MAX_IMAGE_BYTES, read_timeout=DEFAULT_READ_TIMEOUT, colour=(0.0, 0.0), short_side=None):
+                 max_image_bytes=DEFAULT_MAX_IMAGE_BYTES, read_timeout=DEFAULT_READ_TIMEOUT, colour=(0.0, 0.0),
+                 short_side=None):
         self.urls, self.field = list(urls), field
-        self.size, self.crop, self.flip = size, crop, flip
-        self.colour = tuple(colour)  # (hue, saturation) jitter: vaekit.data.crops.jitter_colour
-        self.short_side = short_side  # random crops at random scales: vaekit.data.crops.prepare_image
-        self.small_images, self.min_size, self.background = small_images, min_size, tuple(background)
+        self.background = tuple(background)
+        self.recipe = TrainCrop(size, crop, flip, small_images, min_size, self.background, tuple(colour),
+                                None if short_side is None else tuple(short_side))
         self.max_pixels, self.seed, self.order_seed = max_pixels, seed, order_seed
         self.max_image_bytes, self.read_timeout = max_image_bytes, read_timeout
         self.held_head = dict(held_head or {})  # shard index -> leading samples held out for validation
@@ -134,8 +134,7 @@ class StreamingImages(torch.utils.data.IterableDataset):
             if isinstance(data, ImageError):
                 raise data
             img = decode_image(data, background=self.background, max_pixels=self.max_pixels)
-            pixels = train_pixels(img, rng, self.size, self.crop, self.flip, self.small_images, self.min_size,
-                                  self.background, self.colour, self.short_side)
+            pixels = self.recipe(img, rng)
         except ImageError as e:
             return {"error": e.reason, "key": key}
         return {"pixels": pixels, "key": key}

@@ -3,7 +3,7 @@
 import torch
 
 from vaekit.data.config import CROP_MODES, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, SMALL_IMAGE_POLICIES
-from vaekit.data.crops import train_pixels
+from vaekit.data.crops import TrainCrop
 from vaekit.data.decode import ImageError
 from vaekit.data.sources import open_source, split_holdout
 from vaekit.data.streaming import is_streamed, open_stream
@@ -29,20 +29,15 @@ class TrainImageDataset(EpochSeeded, torch.utils.data.Dataset):
         if small_images not in SMALL_IMAGE_POLICIES:
             raise VaekitError(f"small_images must be one of {', '.join(SMALL_IMAGE_POLICIES)}, got {small_images!r}.")
         self.source = source
-        self.size = size
-        self.crop = crop
-        self.flip = flip
-        self.small_images = small_images
-        self.min_size = min_size
         self.background = tuple(int(c) for c in background)
+        self.recipe = TrainCrop(size, crop, flip, small_images, min_size, self.background, tuple(colour),
+                                None if short_side is None else tuple(short_side))
         self.max_pixels = max_pixels
         self.max_image_bytes = max_image_bytes
         self.seed = seed
         # The first `keep_decoded` images read stay decoded in memory (in each process or worker that reads
         # them): a small data set is then decoded once instead of once per crop. A PIL image is not changed
         # by the crops taken from it, so a kept image gives the same crops as a fresh decode.
-        self.colour = tuple(colour)  # (hue, saturation) jitter: vaekit.data.crops.jitter_colour
-        self.short_side = short_side  # random crops at random scales: vaekit.data.crops.prepare_image
         self.keep_decoded = keep_decoded
         self.decoded = {}
 
@@ -60,8 +55,7 @@ class TrainImageDataset(EpochSeeded, torch.utils.data.Dataset):
                                     max_bytes=self.max_image_bytes)
                 if len(self.decoded) < self.keep_decoded:
                     self.decoded[index] = img
-            pixels = train_pixels(img, rng, self.size, self.crop, self.flip, self.small_images, self.min_size,
-                                  self.background, self.colour, self.short_side)
+            pixels = self.recipe(img, rng)
         except ImageError as e:
             return {"error": e.reason, "key": record.key}
         return {"pixels": pixels, "key": record.key}
